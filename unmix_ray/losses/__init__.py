@@ -1,0 +1,1 @@
+"""Pure loss functions, one per module, each citing its paper."""

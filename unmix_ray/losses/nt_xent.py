@@ -1,0 +1,36 @@
+"""NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR.
+
+Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020.
+For a batch of pairs (a_i, b_i), each of the 2N embeddings takes its partner as the positive and the
+other 2N - 2 embeddings as negatives. Across workers, the negatives are gathered from every rank
+*with* gradients, so the loss (and its gradient, after DDP's averaging) equals the single-process
+loss on the concatenated global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' ``x`` concatenated (gradients flow back to each owner) and this rank's offset."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
+    """Mean NT-Xent over the 2n local anchors of ``a`` [n, d] and ``b`` [n, d], paired by row."""
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    (a_all, offset), (b_all, _) = (gather_with_grad(a), gather_with_grad(b)) if gather else ((a, 0), (b, 0))
+    n, n_all = a.shape[0], a_all.shape[0]
+    anchors = torch.cat([a, b])
+    logits = anchors @ torch.cat([a_all, b_all]).T / temperature
+    idx = torch.arange(n, device=a.device) + offset
+    self_idx = torch.cat([idx, idx + n_all])
+    positive = torch.cat([idx + n_all, idx])
+    logits = logits.masked_fill(F.one_hot(self_idx, 2 * n_all).bool(), float("-inf"))
+    return F.cross_entropy(logits, positive)

@@ -1,0 +1,19 @@
+"""Method registry: one file per base SSL method, each a subclass of ``SSLMethod``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from unmix_ray.config import MethodConfig
+from unmix_ray.methods.base import SSLMethod
+from unmix_ray.methods.simclr import SimCLR
+from unmix_ray.schema import build
+
+METHODS: dict[str, type[SSLMethod]] = {
+    "simclr": SimCLR,
+}
+
+
+def build_method(config: MethodConfig, backbone: nn.Module) -> SSLMethod:
+    cls = METHODS[config.name]
+    return cls(backbone, build(cls.Params, config.params, f"methods/{config.name}.params"))

@@ -1,0 +1,46 @@
+"""The shared shape of every SSL method: a backbone, the method's heads, and the Un-Mix objective.
+
+A method file subclasses ``SSLMethod``: it declares its ``Params`` dataclass (validated from
+``configs/methods/<name>.yaml``), builds its heads, and defines ``outputs(x)`` (what one view
+yields) and ``loss(a, b)`` (its base loss between two views' outputs). The mixture and its
+weighting come from ``unmix_objective``, written once. Methods with a momentum encoder or a queue
+also override ``forward`` or ``after_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from unmix_ray.unmix import Mixture, UnmixLoss, unmix_objective
+
+
+class SSLMethod(nn.Module):
+    Params: ClassVar[type]
+
+    def __init__(self, backbone: nn.Module, params: Any):
+        super().__init__()
+        self.backbone = backbone
+        self.params = params
+
+    def outputs(self, x: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def loss(self, a: Any, b: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, mixture: Mixture | None = None) -> UnmixLoss:
+        out0, out1 = self.outputs(x0), self.outputs(x1)
+        # The mixed batch gets its own forward pass (its own BN statistics), as in the paper.
+        out_mix = self.outputs(mixture.images) if mixture is not None else None
+        return unmix_objective(self.loss, out0, out1, out_mix, mixture.lam if mixture is not None else 1.0)
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        """Called after each optimiser step with training progress in [0, 1] (momentum updates)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features used by kNN and linear evaluation."""
+        return self.backbone(x)
