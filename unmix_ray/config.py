@@ -231,7 +231,9 @@ class GridConfig:
 class TuneSettings:
     max_concurrent_trials: int | None = None  # null: derived from the cluster's resources
     storage_path: str | None = None  # local path or s3://bucket/prefix; null: ~/ray_results
-    trial_cpus: float = 0.0  # resources held by each trial's driver (it only waits on Train)
+    # What each trial's driver holds (it only waits on Train). Null: one "trial_driver" slot where the
+    # cluster offers that custom resource (our cluster YAML and the embedded local Ray do), else 0.01 CPU.
+    trial_resources: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

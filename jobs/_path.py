@@ -1,0 +1,8 @@
+"""Make the checkout importable when a job runs from it without installing (a Ray job's working_dir)."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))

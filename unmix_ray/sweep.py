@@ -1,0 +1,139 @@
+"""Run a sweep: Ray Tune schedules trials; each trial runs a Ray Train pretraining and its evaluation.
+
+Ray Tune cannot wrap a ``TorchTrainer`` directly any more, so each trial is a function trainable
+that builds a ``TorchTrainer`` and calls ``fit()``; ``TuneReportCallback`` forwards rank-0 metrics to
+Tune's progress table. Names are deterministic (sweep id + trial name) so a restarted trial or a
+resumed sweep finds its Train run, its checkpoints and its MLflow run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from unmix_ray import tracking
+from unmix_ray.config import Sweep, TrialConfig
+from unmix_ray.report import ResultsTable, build_results, log_results
+from unmix_ray.train_loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+TRIAL_DRIVER = "trial_driver"  # custom resource: slots for trial drivers, on the head node
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of one sweep instance shares."""
+
+    sweep_id: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    storage_path: str
+
+
+def new_sweep_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def default_storage_path() -> str:
+    return str(Path("~/ray_results/unmix").expanduser())
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run."""
+    trial_dict = config["trials"][config["run"]]
+    trial = TrialConfig.from_dict(trial_dict)
+    ctx = SweepContext(**config["context"])
+    client = MlflowClient(ctx.tracking_uri)
+    run_id = tracking.start_trial_run(client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial)
+    tc = trial.train
+    per_worker = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"trial": trial_dict, "run_id": run_id, "tracking_uri": ctx.tracking_uri},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=f"{ctx.sweep_id}--{trial.run_name}",
+            storage_path=ctx.storage_path,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    try:
+        trainer.fit()
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def default_trial_resources() -> dict[str, float]:
+    return {TRIAL_DRIVER: 1} if ray.cluster_resources().get(TRIAL_DRIVER) else {"CPU": 0.01}
+
+
+def derived_max_concurrent(trials: list[TrialConfig]) -> int:
+    """As many trials as the cluster's CPUs and GPUs hold at once (Train waits for all its workers)."""
+    res = ray.cluster_resources()
+    fits = []
+    for t in trials:
+        tc = t.train
+        n = math.floor(res.get("CPU", 0) / (tc.num_workers * tc.cpus_per_worker))
+        if tc.use_gpu:
+            n = min(n, math.floor(res.get("GPU", 0) / tc.num_workers))
+        fits.append(n)
+    return max(1, min(fits))
+
+
+def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | None = None) -> ResultsTable:
+    """Run every trial of ``sweep`` (resuming ``sweep_id`` if given) and return the results table."""
+    uri = tracking_uri or tracking.tracking_uri()
+    settings = sweep.config.tune
+    if not ray.is_initialized():
+        # Embedded local Ray: trial drivers get their own slots so they do not hold training CPUs.
+        ray.init(resources=None if os.environ.get("RAY_ADDRESS") else {TRIAL_DRIVER: 64})
+    client = MlflowClient(uri)
+    exp_id = tracking.experiment_id(client, sweep.config.experiment)
+    resuming = sweep_id is not None
+    sweep_id = sweep_id or new_sweep_id(sweep.name)
+    parent = tracking.start_sweep_run(client, exp_id, sweep.name, sweep_id, len(sweep.trials))
+    ctx = SweepContext(sweep_id, exp_id, parent, uri, settings.storage_path or default_storage_path())
+    trainable = tune.with_resources(run_trial, settings.trial_resources or default_trial_resources())
+    # Tune's grid and progress table show only the trial's name; its full config is looked up by it.
+    param_space = {"run": tune.grid_search([t.run_name for t in sweep.trials]), "context": ctx.__dict__,
+                   "trials": {t.run_name: t.to_dict() for t in sweep.trials}}
+    max_concurrent = settings.max_concurrent_trials or derived_max_concurrent(sweep.trials)
+    experiment_path = f"{ctx.storage_path.rstrip('/')}/{sweep_id}"
+    if resuming and tune.Tuner.can_restore(experiment_path):
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=sweep_id, storage_path=ctx.storage_path),
+        )
+    log.info("sweep %s: %d trials, at most %d at once", sweep_id, len(sweep.trials), max_concurrent)
+    tuner.fit()
+    table = build_results(uri, sweep.config.experiment, sweep_id)
+    log_results(client, parent, table)
+    client.set_terminated(parent, status="FINISHED" if table.complete else "FAILED")
+    return table
+
+
+def _trial_name(trial: Any) -> str:
+    return trial.config["run"]

@@ -1,0 +1,203 @@
+"""The Ray Train loop run by every worker: pretrain one method with (or without) Un-Mix, then evaluate.
+
+Per step: uint8 batch -> device -> two batched augmented views -> mixture of view 0 -> method forward
+(Un-Mix objective) -> backward -> step. Loss sums stay on the device; the host reads them once per
+epoch. Random streams (augmentation, mixture, batch order) are re-seeded from (seed, rank, epoch) at
+every epoch start, so a run resumed from an epoch checkpoint continues exactly as it would have.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+from unmix_ray.augment import BatchAugment
+from unmix_ray.config import TrialConfig
+from unmix_ray.data import load_pretrain, load_split
+from unmix_ray.evaluation import (
+    extract_features,
+    knn_predict,
+    knn_protocol,
+    linear_probe,
+    linear_protocol,
+    topk_accuracy,
+)
+from unmix_ray.methods import build_method
+from unmix_ray.models import build_backbone
+from unmix_ray.optim import build_optimizer, build_scheduler, scaled_lr
+from unmix_ray.tracking import RunLogger
+from unmix_ray.unmix import MixtureSampler
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class ShardedBatches:
+    """Index batches of this rank's shard of an in-memory dataset (DistributedSampler's split,
+    drop_last so every batch has the same even size)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int):
+        self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def epoch(self, epoch: int) -> list[torch.Tensor]:
+        self.sampler.set_epoch(epoch)
+        idx = torch.tensor(list(self.sampler))
+        return list(idx[: len(self) * self.batch_size].split(self.batch_size))
+
+
+def epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, epoch, stream]).generate_state(1)[0])
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    trial = TrialConfig.from_dict(config["trial"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tc = trial.train
+    if tc.torch_threads:
+        torch.set_num_threads(tc.torch_threads)
+    device = ray.train.torch.get_device()
+    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else None
+
+    data = load_pretrain(trial.dataset, trial.seed)
+    torch.manual_seed(trial.seed)  # identical initialisation on every rank
+    method = build_method(trial.method, build_backbone(tc.backbone, trial.dataset.channels)).to(device)
+    if tc.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(method) if world > 1 else method
+    batches = ShardedBatches(len(data), tc.batch_per_worker, rank, world, trial.seed)
+    optimizer = build_optimizer(method, trial.method.optim, tc.batch_size)
+    scheduler = build_scheduler(optimizer, trial.method.optim, len(batches), tc.epochs, tc.batch_size)
+    augment_gen = torch.Generator(device=device)
+    augment = BatchAugment(trial.dataset.augment, trial.dataset.crop_size, trial.dataset.mean,
+                           trial.dataset.std, augment_gen)
+    mixer = MixtureSampler(trial.mixture, seed=0)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext())
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"]
+
+    total_steps = max(1, len(batches) * tc.epochs)
+    images_cpu = data.images.pin_memory() if device.type == "cuda" else data.images
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()
+        augment_gen.manual_seed(epoch_seed(trial.seed, rank, epoch, 0))
+        mixer = MixtureSampler(trial.mixture, seed=epoch_seed(trial.seed, rank, epoch, 1))
+        sums = torch.zeros(3, device=device)
+        start = time.perf_counter()
+        epoch_batches = batches.epoch(epoch)
+        for step, idx in enumerate(epoch_batches):
+            x = images_cpu[idx].to(device, non_blocking=True)
+            x0, x1 = augment(x), augment(x)
+            if tc.channels_last:
+                x0, x1 = x0.contiguous(memory_format=torch.channels_last), x1.contiguous(
+                    memory_format=torch.channels_last)
+            mixture = mixer(x0)
+            with autocast:
+                out = model(x0, x1, mixture)
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            optimizer.step()
+            scheduler.step()
+            method.after_step((epoch * len(batches) + step + 1) / total_steps)
+            sums += torch.stack([out.total.detach(), out.clean.detach(), out.mixed.detach()]).float()
+        elapsed = time.perf_counter() - start
+        loss = _mean_over_ranks(sums / max(1, len(epoch_batches))).tolist()  # the epoch's one host sync
+        if not all(np.isfinite(loss)):
+            raise FloatingPointError(f"non-finite loss {loss} in epoch {epoch} of {trial.run_name}")
+        metrics = {
+            "loss": loss[0], "loss_clean": loss[1], "loss_mixed": loss[2],
+            "lr": scheduler.get_last_lr()[0], "lr_scaled": scaled_lr(trial.method.optim, tc.batch_size),
+            "images_per_s": len(epoch_batches) * tc.batch_size / elapsed, "epoch": epoch + 1,
+        }
+        due_knn = trial.eval.knn_every and (epoch + 1) % trial.eval.knn_every == 0
+        if rank == 0 and due_knn:
+            metrics["monitor_knn_top1"] = monitor_knn(method, trial, data, device)
+        ckpt = None
+        if rank == 0 and ((epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs):
+            ckpt_dir = tempfile.mkdtemp(prefix="unmix-ckpt-")
+            torch.save({"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "run_id": config.get("run_id"),
+                        "trial": config["trial"]}, os.path.join(ckpt_dir, CHECKPOINT_FILE))
+            ckpt = ray.train.Checkpoint.from_directory(ckpt_dir)
+        if logger:
+            logger.log(metrics, step=epoch + 1)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch={epoch + 1:04d}" if ckpt else None)
+
+    final: dict[str, Any] = {"epoch": tc.epochs}
+    if rank == 0:
+        final |= final_evaluation(method, trial, device, logger)
+    ray.train.report(final)
+
+
+def _encoder(method: torch.nn.Module):
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return method.features(x)
+    return encode
+
+
+def monitor_knn(method: torch.nn.Module, trial: TrialConfig, bank, device: torch.device) -> float:
+    """The per-epoch kNN monitor: the pretraining images as the bank, the test split as queries."""
+    ds, ev = trial.dataset, trial.eval
+    test = load_split(ds, ds.test_split).subset(ds.test_subset, trial.seed)
+    was_training = method.training
+    method.eval()
+    fb = extract_features(_encoder(method), bank.images, ds.mean, ds.std, ds.crop_size, device)
+    ft = extract_features(_encoder(method), test.images, ds.mean, ds.std, ds.crop_size, device)
+    method.train(was_training)
+    return topk_accuracy(knn_predict(fb, bank.labels, ft, ds.num_classes, ev.knn_k, ev.knn_t), test.labels)
+
+
+def final_evaluation(method: torch.nn.Module, trial: TrialConfig, device: torch.device,
+                     logger: RunLogger | None) -> dict[str, float]:
+    """kNN and linear probe on once-extracted features of the full train and test splits."""
+    ds, ev = trial.dataset, trial.eval
+    train = load_split(ds, ds.train_split)
+    test = load_split(ds, ds.test_split).subset(ds.test_subset, trial.seed)
+    method.eval()
+    ftr = extract_features(_encoder(method), train.images, ds.mean, ds.std, ds.crop_size, device)
+    fte = extract_features(_encoder(method), test.images, ds.mean, ds.std, ds.crop_size, device)
+    scores = knn_predict(ftr, train.labels, fte, ds.num_classes, ev.knn_k, ev.knn_t)
+    lin = linear_probe(ftr, train.labels, fte, test.labels, ds.num_classes, ev, seed=trial.seed)
+    results = {"knn_top1": topk_accuracy(scores, test.labels, 1), "knn_top5": topk_accuracy(scores, test.labels, 5),
+               "linear_top1": lin.top1, "linear_top5": lin.top5}
+    if logger:
+        logger.log(results, step=trial.train.epochs)
+        logger.set_tags({
+            "unmix.protocol.knn": knn_protocol(ev, bank=f"{ds.train_split} split ({len(train)} images)"),
+            "unmix.protocol.linear": linear_protocol(ev),
+            "unmix.protocol.monitor_knn": knn_protocol(ev, bank="pretraining images"),
+        })
+    return results
