@@ -349,9 +349,9 @@ def compose_sweep(data: dict[str, Any], config_dir: Path = CONFIG_DIR, source: s
         if m is None:
             continue
         mc = build(MethodConfig, m, f"methods/{n}.yaml", errors)
-        if mc is not None:
-            params = build(METHODS[n].Params, mc.params, f"methods/{n}.yaml.params", errors)
-            typed_methods[n] = replace(mc, params=to_dict(params)) if params is not None else None
+        params = build(METHODS[n].Params, m.get("params") or {}, f"methods/{n}.yaml.params", errors)
+        if mc is not None and params is not None:
+            typed_methods[n] = replace(mc, params=to_dict(params))
     if errors:
         raise ConfigError(errors, source)
 

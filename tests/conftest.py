@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root() -> Path:
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"Fashion-MNIST not found under {FASHION_MNIST}: apt-get install dataset-fashion-mnist "
+                    "(.ci/run and `make setup` do this)")
+    return FASHION_MNIST
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One embedded local Ray for the tests that need it (2 CPUs, plus trial-driver slots)."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=2, resources={"trial_driver": 8}, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()

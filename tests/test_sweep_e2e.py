@@ -1,0 +1,58 @@
+"""A small sweep end to end on a local Ray: Tune trials -> Train -> MLflow runs -> results table."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from unmix_ray.config import load_sweep
+from unmix_ray.report import build_results
+
+from .conftest import ROOT
+
+SMALL = [
+    "grid.mixture=[none, both]", "train.epochs=2", "train.batch_size=64", "train.torch_threads=1",
+    "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=500",
+    "eval.linear_epochs=2", "eval.knn_k=20", "tune.max_concurrent_trials=2",
+]
+
+
+@pytest.mark.slow
+def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, fashion_mnist_root):
+    from unmix_ray.sweep import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [f"tune.storage_path={tmp_path / 'ray'}"])
+    table = run_sweep(sweep, uri)
+
+    assert table.complete
+    assert list(table.rows["variant"]) == ["untrained", "none", "both@0.5"]
+    assert table.rows["knn_top1"].between(10, 100).all() and table.rows["linear_top1"].between(10, 100).all()
+    both = table.rows.iloc[2]
+    assert both["delta_knn_top1"] == pytest.approx(both["knn_top1"] - table.rows.iloc[1]["knn_top1"])
+    assert "kNN k=20" in both["knn_protocol"] and "linear" in both["linear_protocol"]
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("unmix-ray")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("unmix.role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("unmix.role") == "trial"]
+    assert len(parent) == 1 and len(trials) == 3
+    assert {r.info.run_name for r in trials} == {
+        "simclr-fashion_mnist-resnet_narrow-untrained-s0", "simclr-fashion_mnist-none-p0.5-s0",
+        "simclr-fashion_mnist-both-p0.5-s0"}
+    for r in trials:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert r.data.params["train.batch_size"] == "64" and r.data.params["method.name"] == "simclr"
+    trained = next(r for r in trials if r.info.run_name.endswith("both-p0.5-s0"))
+    assert trained.data.tags["mixture_type"] == "both" and trained.data.tags["mixture_prob"] == "0.5"
+    history = client.get_metric_history(trained.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.step for m in client.get_metric_history(trained.info.run_id, "monitor_knn_top1")] == [1, 2]
+    assert trained.data.metrics["loss_mixed"] > 0
+    artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "results")}
+    assert {"results/results_table.csv", "results/results_table.md", "results/results_table.json"} <= artifacts
+
+    again = build_results(uri, "unmix-ray", table.sweep_id)  # what jobs/report.py prints
+    assert again.rows.equals(table.rows)
