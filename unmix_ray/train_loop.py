@@ -23,19 +23,12 @@ from torch.utils.data import DistributedSampler
 
 from unmix_ray.augment import BatchAugment
 from unmix_ray.config import TrialConfig
-from unmix_ray.data import load_pretrain, load_split
-from unmix_ray.evaluation import (
-    extract_features,
-    knn_predict,
-    knn_protocol,
-    linear_probe,
-    linear_protocol,
-    topk_accuracy,
-)
+from unmix_ray.data import load_pretrain
 from unmix_ray.methods import build_method
 from unmix_ray.models import build_backbone
 from unmix_ray.optim import build_optimizer, build_scheduler, scaled_lr
 from unmix_ray.tracking import RunLogger
+from unmix_ray.trial_eval import final_evaluation, monitor_knn
 from unmix_ray.unmix import MixtureSampler
 
 CHECKPOINT_FILE = "state.pt"
@@ -160,44 +153,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         final |= final_evaluation(method, trial, device, logger)
     ray.train.report(final)
-
-
-def _encoder(method: torch.nn.Module):
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return method.features(x)
-    return encode
-
-
-def monitor_knn(method: torch.nn.Module, trial: TrialConfig, bank, device: torch.device) -> float:
-    """The per-epoch kNN monitor: the pretraining images as the bank, the test split as queries."""
-    ds, ev = trial.dataset, trial.eval
-    test = load_split(ds, ds.test_split).subset(ds.test_subset, trial.seed)
-    was_training = method.training
-    method.eval()
-    fb = extract_features(_encoder(method), bank.images, ds.mean, ds.std, ds.crop_size, device)
-    ft = extract_features(_encoder(method), test.images, ds.mean, ds.std, ds.crop_size, device)
-    method.train(was_training)
-    return topk_accuracy(knn_predict(fb, bank.labels, ft, ds.num_classes, ev.knn_k, ev.knn_t), test.labels)
-
-
-def final_evaluation(method: torch.nn.Module, trial: TrialConfig, device: torch.device,
-                     logger: RunLogger | None) -> dict[str, float]:
-    """kNN and linear probe on once-extracted features of the full train and test splits."""
-    ds, ev = trial.dataset, trial.eval
-    train = load_split(ds, ds.train_split)
-    test = load_split(ds, ds.test_split).subset(ds.test_subset, trial.seed)
-    method.eval()
-    ftr = extract_features(_encoder(method), train.images, ds.mean, ds.std, ds.crop_size, device)
-    fte = extract_features(_encoder(method), test.images, ds.mean, ds.std, ds.crop_size, device)
-    scores = knn_predict(ftr, train.labels, fte, ds.num_classes, ev.knn_k, ev.knn_t)
-    lin = linear_probe(ftr, train.labels, fte, test.labels, ds.num_classes, ev, seed=trial.seed)
-    results = {"knn_top1": topk_accuracy(scores, test.labels, 1), "knn_top5": topk_accuracy(scores, test.labels, 5),
-               "linear_top1": lin.top1, "linear_top5": lin.top5}
-    if logger:
-        logger.log(results, step=trial.train.epochs)
-        logger.set_tags({
-            "unmix.protocol.knn": knn_protocol(ev, bank=f"{ds.train_split} split ({len(train)} images)"),
-            "unmix.protocol.linear": linear_protocol(ev),
-            "unmix.protocol.monitor_knn": knn_protocol(ev, bank="pretraining images"),
-        })
-    return results
