@@ -142,9 +142,11 @@ class TrainConfig:
     torch_threads: int | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
-    checkpoint_every: int = 1
+    compile: bool = False  # torch.compile the method (GPU runs)
+    checkpoint_every: int = 1  # epochs
     num_to_keep: int = 2
-    max_failures: int = 0
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before the trial fails
+    nan_check_every: int = 50  # steps between checks for a non-finite loss (each is one host sync)
 
     def problems(self) -> list[str]:
         out = []
@@ -159,6 +161,8 @@ class TrainConfig:
                 f"batch_size: per-worker batch {self.batch_size // self.num_workers} is odd; Un-Mix pairs "
                 "sample i with sample N-1-i, so an odd batch mixes its middle sample with itself"
             )
+        if self.nan_check_every < 1:
+            out.append(f"nan_check_every: must be >= 1, got {self.nan_check_every}")
         if self.checkpoint_every < 1:
             out.append(f"checkpoint_every: must be >= 1, got {self.checkpoint_every}")
         return out
@@ -230,7 +234,9 @@ class GridConfig:
 @dataclass(frozen=True)
 class TuneSettings:
     max_concurrent_trials: int | None = None  # null: derived from the cluster's resources
-    storage_path: str | None = None  # local path or s3://bucket/prefix; null: ~/ray_results
+    storage_path: str | None = None  # local path or s3://bucket/prefix; null: ~/ray_results/unmix
+    # S3-compatible endpoint for s3:// storage (null: AWS, or $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)
+    storage_endpoint_url: str | None = None
     # What each trial's driver holds (it only waits on Train). Null: one "trial_driver" slot where the
     # cluster offers that custom resource (our cluster YAML and the embedded local Ray do), else 0.01 CPU.
     trial_resources: dict[str, float] | None = None

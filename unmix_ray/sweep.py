@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import pyarrow.fs
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -42,6 +44,20 @@ class SweepContext:
     parent_run_id: str
     tracking_uri: str
     storage_path: str
+    storage_endpoint_url: str | None = None
+
+    def storage(self) -> tuple[str, pyarrow.fs.FileSystem | None]:
+        """Ray's (storage_path, storage_filesystem): S3 paths get an explicit filesystem so that an
+        S3-compatible endpoint can be used; credentials come from the environment or instance role."""
+        if not self.storage_path.startswith("s3://"):
+            return self.storage_path, None
+        endpoint = (self.storage_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        if not endpoint:
+            return self.storage_path, None
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme=urlsplit(endpoint).scheme or "https",
+                                     region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        return self.storage_path.removeprefix("s3://"), fs
 
 
 def new_sweep_id(name: str) -> str:
@@ -60,6 +76,7 @@ def run_trial(config: dict[str, Any]) -> None:
     client = MlflowClient(ctx.tracking_uri)
     run_id = tracking.start_trial_run(client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial)
     tc = trial.train
+    storage_path, storage_fs = ctx.storage()
     per_worker = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -67,18 +84,44 @@ def run_trial(config: dict[str, Any]) -> None:
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=f"{ctx.sweep_id}--{trial.run_name}",
-            storage_path=ctx.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
             callbacks=[TuneReportCallback()],
         ),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
+    if result.checkpoint is not None:
+        scheme = "s3://" if ctx.storage_path.startswith("s3://") else ""
+        client.set_tag(run_id, tracking.TAG_CHECKPOINT, scheme + result.checkpoint.path)
     client.set_terminated(run_id, status="FINISHED")
+
+
+class MlflowTrialStatus(tune.Callback):
+    """Ends a trial's MLflow run from the driver side when the trial itself could not: a trial that
+    errored is FAILED; one that Tune stopped (a scheduler's early stop) is KILLED."""
+
+    def __init__(self, uri: str, experiment_id: str, sweep_id: str):
+        self.uri, self.experiment_id, self.sweep_id = uri, experiment_id, sweep_id
+
+    def _end(self, trial: Any, status: str) -> None:
+        client = MlflowClient(self.uri)
+        runs = tracking.find_runs(client, self.experiment_id,
+                                  **{tracking.TAG_SWEEP_ID: self.sweep_id, tracking.TAG_TRIAL: trial.config["run"]})
+        for run in runs:
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status=status)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "FAILED")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "KILLED")
 
 
 def default_trial_resources() -> dict[str, float]:
@@ -103,31 +146,45 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
     uri = tracking_uri or tracking.tracking_uri()
     settings = sweep.config.tune
     if not ray.is_initialized():
-        # Embedded local Ray: trial drivers get their own slots so they do not hold training CPUs.
-        ray.init(resources=None if os.environ.get("RAY_ADDRESS") else {TRIAL_DRIVER: 64})
+        if os.environ.get("RAY_ADDRESS"):  # a Ray job, or a user pointing at a cluster
+            ray.init()
+        else:
+            # A fresh embedded local Ray (never some other cluster running on this machine); trial drivers
+            # get their own slots so that they do not hold the CPUs training needs.
+            ray.init(address="local", resources={TRIAL_DRIVER: 64})
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(client, sweep.config.experiment)
     resuming = sweep_id is not None
     sweep_id = sweep_id or new_sweep_id(sweep.name)
     parent = tracking.start_sweep_run(client, exp_id, sweep.name, sweep_id, len(sweep.trials))
-    ctx = SweepContext(sweep_id, exp_id, parent, uri, settings.storage_path or default_storage_path())
+    ctx = SweepContext(sweep_id, exp_id, parent, uri, settings.storage_path or default_storage_path(),
+                       settings.storage_endpoint_url)
+    storage_path, storage_fs = ctx.storage()
     trainable = tune.with_resources(run_trial, settings.trial_resources or default_trial_resources())
     # Tune's grid and progress table show only the trial's name; its full config is looked up by it.
     param_space = {"run": tune.grid_search([t.run_name for t in sweep.trials]), "context": ctx.__dict__,
                    "trials": {t.run_name: t.to_dict() for t in sweep.trials}}
     max_concurrent = settings.max_concurrent_trials or derived_max_concurrent(sweep.trials)
-    experiment_path = f"{ctx.storage_path.rstrip('/')}/{sweep_id}"
-    if resuming and tune.Tuner.can_restore(experiment_path):
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
+    experiment_path = f"{storage_path.rstrip('/')}/{sweep_id}"
+    callbacks = [MlflowTrialStatus(uri, exp_id, sweep_id)]
+    if resuming:
+        if not tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
+            raise FileNotFoundError(f"no sweep state to resume at {experiment_path}")
+        # Finished trials stay finished; unfinished ones start again and their Train runs resume from
+        # their last checkpoints (same names, same storage); their MLflow runs are found by tag.
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=storage_fs,
+                                   param_space=param_space)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name=sweep_id, storage_path=ctx.storage_path),
+            run_config=tune.RunConfig(name=sweep_id, storage_path=storage_path, storage_filesystem=storage_fs,
+                                      callbacks=callbacks),
         )
-    log.info("sweep %s: %d trials, at most %d at once", sweep_id, len(sweep.trials), max_concurrent)
+    print(f"Sweep {sweep_id}: {len(sweep.trials)} trials, at most {max_concurrent} at once "
+          f"(resume with: python jobs/sweep.py --config ... --resume {sweep_id})", flush=True)
     tuner.fit()
     table = build_results(uri, sweep.config.experiment, sweep_id)
     log_results(client, parent, table)

@@ -21,6 +21,7 @@ from unmix_ray.config import TrialConfig
 log = logging.getLogger(__name__)
 
 TAG_ROLE, TAG_SWEEP, TAG_SWEEP_ID, TAG_TRIAL = "unmix.role", "unmix.sweep", "unmix.sweep_id", "unmix.trial"
+TAG_CHECKPOINT = "unmix.checkpoint"  # the final Ray Train checkpoint (path or s3:// URI)
 PARENT = "mlflow.parentRunId"
 
 
@@ -87,35 +88,53 @@ def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep
 
 
 class RunLogger:
-    """Metrics into one known run id, retried with backoff so a brief tracking-server outage does
-    not stop training; what cannot be sent is kept and sent with the next call."""
+    """Metrics into one known run id. When the tracking server is unreachable, training goes on: the
+    metrics are buffered (and the outage logged) and sent with the next call once it answers again."""
 
-    def __init__(self, uri: str, run_id: str, retries: int = 3, backoff_s: float = 1.0):
+    def __init__(self, uri: str, run_id: str):
+        # Fail fast per request and let this class do the retrying, so no training step waits on MLflow
+        # (the client's default retries back off for minutes).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = MlflowClient(uri)
         self.run_id = run_id
-        self.retries, self.backoff_s = retries, backoff_s
         self.pending: list[Metric] = []
+        self.pending_tags: list[RunTag] = []
+        self.outage_since: float | None = None
 
     def log(self, metrics: dict[str, float], step: int) -> bool:
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         return self.flush()
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    def set_tags(self, tags: dict[str, str]) -> bool:
+        self.pending_tags += [RunTag(k, v) for k, v in tags.items()]
+        return self.flush()
 
-    def flush(self) -> bool:
-        for attempt in range(self.retries):
+    def flush(self, wait_s: float = 0.0, backoff_s: float = 2.0) -> bool:
+        """Send what is buffered; retry for up to ``wait_s`` seconds. True when nothing is left."""
+        deadline = time.monotonic() + wait_s
+        while True:
             try:
-                for i in range(0, len(self.pending), 500):
-                    self.client.log_batch(self.run_id, metrics=self.pending[i:i + 500])
-                self.pending = []
+                while self.pending_tags:
+                    self.client.log_batch(self.run_id, tags=self.pending_tags[:100])
+                    self.pending_tags = self.pending_tags[100:]
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[:500])
+                    self.pending = self.pending[500:]
+                if self.outage_since is not None:
+                    log.warning("MLflow reachable again after %.0f s; buffered metrics sent",
+                                time.monotonic() - self.outage_since)
+                    self.outage_since = None
                 return True
-            except Exception as e:  # noqa: BLE001 - any transport error: keep training, retry later
-                log.warning("MLflow unreachable (attempt %d/%d, %d metrics buffered): %s",
-                            attempt + 1, self.retries, len(self.pending), type(e).__name__)
-                time.sleep(self.backoff_s * 2**attempt)
-        return False
+            except Exception as e:  # noqa: BLE001 - any transport error: keep training, send later
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                log.warning("MLflow unreachable (%s); %d metrics buffered, training continues",
+                            type(e).__name__, len(self.pending))
+                if time.monotonic() + backoff_s > deadline:
+                    return False
+                time.sleep(backoff_s)
 
 
 def redacted(uri: str) -> str:

@@ -56,15 +56,15 @@ def epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch, stream]).generate_state(1)[0])
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -82,41 +82,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     method = build_method(trial.method, build_backbone(tc.backbone, trial.dataset.channels)).to(device)
     if tc.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(method) if world > 1 else method
     batches = ShardedBatches(len(data), tc.batch_per_worker, rank, world, trial.seed)
     optimizer = build_optimizer(method, trial.method.optim, tc.batch_size)
     scheduler = build_scheduler(optimizer, trial.method.optim, len(batches), tc.epochs, tc.batch_size)
+    start_epoch = restore(method, optimizer, scheduler, device)
+    model = ray.train.torch.prepare_model(method) if world > 1 else method
+    if tc.compile:
+        model = torch.compile(model)
     augment_gen = torch.Generator(device=device)
     augment = BatchAugment(trial.dataset.augment, trial.dataset.crop_size, trial.dataset.mean,
                            trial.dataset.std, augment_gen)
-    mixer = MixtureSampler(trial.mixture, seed=0)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext())
-
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
 
     total_steps = max(1, len(batches) * tc.epochs)
-    images_cpu = data.images.pin_memory() if device.type == "cuda" else data.images
+    images = data.images.pin_memory() if device.type == "cuda" else data.images
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         augment_gen.manual_seed(epoch_seed(trial.seed, rank, epoch, 0))
         mixer = MixtureSampler(trial.mixture, seed=epoch_seed(trial.seed, rank, epoch, 1))
         sums = torch.zeros(3, device=device)
+        first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, kept on the device
         start = time.perf_counter()
         epoch_batches = batches.epoch(epoch)
         for step, idx in enumerate(epoch_batches):
-            x = images_cpu[idx].to(device, non_blocking=True)
-            x0, x1 = augment(x), augment(x)
-            if tc.channels_last:
-                x0, x1 = x0.contiguous(memory_format=torch.channels_last), x1.contiguous(
-                    memory_format=torch.channels_last)
+            x = images[idx].to(device, non_blocking=True)
+            x0 = augment(x).contiguous(memory_format=memory_format)
+            x1 = augment(x).contiguous(memory_format=memory_format)
             mixture = mixer(x0)
             with autocast:
                 out = model(x0, x1, mixture)
@@ -125,26 +117,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             method.after_step((epoch * len(batches) + step + 1) / total_steps)
-            sums += torch.stack([out.total.detach(), out.clean.detach(), out.mixed.detach()]).float()
+            parts = torch.stack([out.total.detach(), out.clean.detach(), out.mixed.detach()]).float()
+            sums += parts
+            first_bad = torch.where((first_bad < 0) & ~parts.isfinite().all(), step, first_bad)
+            if (step + 1) % tc.nan_check_every == 0 or step + 1 == len(epoch_batches):
+                check_finite(first_bad, epoch, trial, logger)  # a host sync every nan_check_every steps only
         elapsed = time.perf_counter() - start
-        loss = _mean_over_ranks(sums / max(1, len(epoch_batches))).tolist()  # the epoch's one host sync
-        if not all(np.isfinite(loss)):
-            raise FloatingPointError(f"non-finite loss {loss} in epoch {epoch} of {trial.run_name}")
+        loss = _mean_over_ranks(sums / max(1, len(epoch_batches))).tolist()
         metrics = {
             "loss": loss[0], "loss_clean": loss[1], "loss_mixed": loss[2],
             "lr": scheduler.get_last_lr()[0], "lr_scaled": scaled_lr(trial.method.optim, tc.batch_size),
             "images_per_s": len(epoch_batches) * tc.batch_size / elapsed, "epoch": epoch + 1,
         }
-        due_knn = trial.eval.knn_every and (epoch + 1) % trial.eval.knn_every == 0
-        if rank == 0 and due_knn:
+        if trial.eval.knn_every and (epoch + 1) % trial.eval.knn_every == 0 and rank == 0:
             metrics["monitor_knn_top1"] = monitor_knn(method, trial, data, device)
         ckpt = None
         if rank == 0 and ((epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs):
-            ckpt_dir = tempfile.mkdtemp(prefix="unmix-ckpt-")
-            torch.save({"model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "run_id": config.get("run_id"),
-                        "trial": config["trial"]}, os.path.join(ckpt_dir, CHECKPOINT_FILE))
-            ckpt = ray.train.Checkpoint.from_directory(ckpt_dir)
+            ckpt = save_checkpoint(method, optimizer, scheduler, epoch + 1, config)
         if logger:
             logger.log(metrics, step=epoch + 1)
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch={epoch + 1:04d}" if ckpt else None)
@@ -152,4 +141,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     final: dict[str, Any] = {"epoch": tc.epochs}
     if rank == 0:
         final |= final_evaluation(method, trial, device, logger)
+        if logger and not logger.flush(wait_s=600):
+            raise RuntimeError(f"MLflow unreachable for 10 minutes; {len(logger.pending)} metrics not logged")
     ray.train.report(final)
+
+
+def check_finite(first_bad: torch.Tensor, epoch: int, trial: TrialConfig, logger: RunLogger | None) -> None:
+    bad = int(first_bad.item())
+    if bad >= 0:
+        message = f"non-finite loss at epoch {epoch + 1}, step {bad + 1} of {trial.run_name}"
+        if logger:
+            logger.set_tags({"unmix.error": message})
+        raise NonFiniteLossError(message)
+
+
+def save_checkpoint(method: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+                    config: dict[str, Any]) -> ray.train.Checkpoint:
+    """Everything needed to continue: method state (incl. queues, momentum encoders, prototypes),
+    optimiser, schedule, epoch, and the MLflow run id. RNG streams need no state: they are re-seeded
+    from (seed, rank, epoch) at every epoch start."""
+    ckpt_dir = tempfile.mkdtemp(prefix="unmix-ckpt-")
+    torch.save({"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "run_id": config.get("run_id"),
+                "trial": config["trial"]}, os.path.join(ckpt_dir, CHECKPOINT_FILE))
+    return ray.train.Checkpoint.from_directory(ckpt_dir)
+
+
+def restore(method: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+            device: torch.device) -> int:
+    """Load Ray Train's latest checkpoint (after a worker/node failure or a resumed run); the epoch to
+    start from."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"]
