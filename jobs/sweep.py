@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a sweep key (dotted path, YAML value); repeatable")
     parser.add_argument("--resume", metavar="SWEEP_ID", help="resume an interrupted sweep by its id")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, print the trial plan and the GPU-hour estimate; run nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+    if args.dry_run:
+        from unmix_ray.plan import format_plan, plan_sweep
+
+        print(format_plan(plan_sweep(sweep)))
+        return 0
 
     from unmix_ray import tracking
     from unmix_ray.sweep import run_sweep

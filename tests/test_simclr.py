@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from unmix_ray.config import MixtureConfig, MethodConfig
+from unmix_ray.config import MethodConfig, MixtureConfig
 from unmix_ray.losses.nt_xent import nt_xent
 from unmix_ray.methods import build_method
 from unmix_ray.models import NarrowResNet

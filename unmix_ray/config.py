@@ -237,9 +237,20 @@ class TuneSettings:
     storage_path: str | None = None  # local path or s3://bucket/prefix; null: ~/ray_results/unmix
     # S3-compatible endpoint for s3:// storage (null: AWS, or $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)
     storage_endpoint_url: str | None = None
-    # What each trial's driver holds (it only waits on Train). Null: one "trial_driver" slot where the
-    # cluster offers that custom resource (our cluster YAML and the embedded local Ray do), else 0.01 CPU.
-    trial_resources: dict[str, float] | None = None
+    trial_cpus: float = 0.0  # resources held by each trial's driver (it only waits on Train)
+    # Custom resources each trial's driver also holds, e.g. {trial_driver: 1} to keep drivers on the
+    # cluster head that advertises them (cluster/aws-gpu.yaml). Both left at zero: one trial_driver
+    # slot where the cluster offers one (the embedded local Ray does), else 0.01 CPU.
+    trial_resources: dict[str, float] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.trial_cpus < 0:
+            out.append(f"trial_cpus: must be >= 0, got {self.trial_cpus}")
+        for name, amount in self.trial_resources.items():
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+                out.append(f"trial_resources.{name}: must be a number >= 0, got {amount!r}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,9 @@ class SweepConfig:
     mixture_beta: float = 1.0
     untrained_reference: bool = True
     train: dict[str, Any] = field(default_factory=dict)
+    # Per-recipe changes to ``train``, keyed by a method name, a dataset name or "dataset/method";
+    # merged in that order (the most specific wins). See ``trial_train``.
+    train_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -304,6 +318,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def trial_train(sweep: SweepConfig, dataset: str, method: str) -> dict[str, Any]:
+    """The ``train`` mapping of one (dataset, method) cell: ``sweep.train`` with the
+    ``train_overrides`` of the method, then of the dataset, then of "dataset/method" merged on top."""
+    out = dict(sweep.train)
+    for key in (method, dataset, f"{dataset}/{method}"):
+        out = deep_merge(out, sweep.train_overrides.get(key, {}))
+    return out
+
+
 def load_sweep(path: str | Path, overrides: list[str] = (), config_dir: Path = CONFIG_DIR) -> Sweep:
     """Read, compose and validate a sweep; raise ConfigError naming every problem."""
     path = Path(path)
@@ -330,17 +353,34 @@ def compose_sweep(data: dict[str, Any], config_dir: Path = CONFIG_DIR, source: s
             return None
         return deep_merge(_read_yaml(file), overrides.get(name, {}))
 
+    # Overrides may name datasets/methods outside the grid (so `--set grid.dataset=[...]` can cut a
+    # sweep down), but every name must exist: a typo is an error, not a silently ignored block.
+    known = {kind: set(registry) | set(known_names(kind, config_dir))
+             for kind, registry in (("datasets", DATASETS), ("methods", METHODS))}
     for kind, names in (("datasets", sweep.datasets), ("methods", sweep.methods)):
-        grid_names = getattr(sweep.grid, kind[:-1])
-        for extra in sorted(set(names) - set(grid_names)):
-            errors.append(f"sweep.{kind}.{extra}: override for a {kind[:-1]} not in the grid")
+        for extra in sorted(set(names) - known[kind]):
+            errors.append(f"sweep.{kind}.{extra}: override for an unknown {kind[:-1]}")
+    for key in sorted(sweep.train_overrides):
+        dname, slash, mname = key.rpartition("/")
+        if not (key in known["methods"] or key in known["datasets"]
+                or (slash and dname in known["datasets"] and mname in known["methods"])):
+            errors.append(f"sweep.train_overrides.{key}: not a known method, dataset or dataset/method")
 
     datasets = {n: component("datasets", n, DATASETS, sweep.datasets) for n in sweep.grid.dataset}
     methods = {n: component("methods", n, METHODS, sweep.methods) for n in sweep.grid.method}
-    train = build(TrainConfig, sweep.train, "sweep.train", errors)
+    trains: dict[tuple[str, str], TrainConfig] = {}
+    built: dict[str, TrainConfig] = {}  # each distinct merged train block is built (and reported) once
+    for dname, mname in itertools.product(sweep.grid.dataset, sweep.grid.method):
+        merged = trial_train(sweep, dname, mname)
+        key = yaml.safe_dump(merged, sort_keys=True)
+        if key not in built:
+            where = "sweep.train" if merged == sweep.train else f"sweep.train+overrides({dname}/{mname})"
+            built[key] = build(TrainConfig, merged, where, errors)
+            if built[key] is not None and built[key].backbone not in BACKBONES:
+                errors.append(f"{where}.backbone: unknown backbone {built[key].backbone!r} "
+                              f"(known: {', '.join(BACKBONES)})")
+        trains[dname, mname] = built[key]
     evaluation = build(EvalConfig, sweep.eval, "sweep.eval", errors)
-    if train is not None and train.backbone not in BACKBONES:
-        errors.append(f"sweep.train.backbone: unknown backbone {train.backbone!r} (known: {', '.join(BACKBONES)})")
     for i, p in enumerate(sweep.grid.prob):
         if not 0.0 <= p <= 1.0:
             errors.append(f"sweep.grid.prob[{i}]: mixture probability P must be in [0, 1], got {p}")
@@ -363,6 +403,7 @@ def compose_sweep(data: dict[str, Any], config_dir: Path = CONFIG_DIR, source: s
 
     trials = []
     for dname, mname, seed in itertools.product(sweep.grid.dataset, sweep.grid.method, sweep.grid.seed):
+        train = trains[dname, mname]
         common = dict(sweep=sweep.name, seed=seed, dataset=typed_datasets[dname], method=typed_methods[mname],
                       train=train, eval=evaluation)
         if sweep.untrained_reference:

@@ -9,7 +9,6 @@ resumed sweep finds its Train run, its checkpoints and its MLflow run again.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from unmix_ray import tracking
-from unmix_ray.config import Sweep, TrialConfig
+from unmix_ray.config import Sweep, TrialConfig, TuneSettings
+from unmix_ray.plan import driver_resources, runtime_cluster, sweep_max_concurrent
 from unmix_ray.report import ResultsTable, build_results, log_results
 from unmix_ray.train_loop import train_loop_per_worker
 
@@ -124,21 +124,13 @@ class MlflowTrialStatus(tune.Callback):
         self._end(trial, "KILLED")
 
 
-def default_trial_resources() -> dict[str, float]:
+def driver_slot(settings: TuneSettings) -> dict[str, float]:
+    """What each trial's driver holds: as configured, else a trial_driver slot where the cluster offers
+    one (our cluster YAML's head, the embedded local Ray), else a sliver of CPU."""
+    wanted = {k: v for k, v in driver_resources(settings).items() if v > 0}
+    if wanted:
+        return wanted
     return {TRIAL_DRIVER: 1} if ray.cluster_resources().get(TRIAL_DRIVER) else {"CPU": 0.01}
-
-
-def derived_max_concurrent(trials: list[TrialConfig]) -> int:
-    """As many trials as the cluster's CPUs and GPUs hold at once (Train waits for all its workers)."""
-    res = ray.cluster_resources()
-    fits = []
-    for t in trials:
-        tc = t.train
-        n = math.floor(res.get("CPU", 0) / (tc.num_workers * tc.cpus_per_worker))
-        if tc.use_gpu:
-            n = min(n, math.floor(res.get("GPU", 0) / tc.num_workers))
-        fits.append(n)
-    return max(1, min(fits))
 
 
 def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | None = None) -> ResultsTable:
@@ -160,11 +152,12 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
     ctx = SweepContext(sweep_id, exp_id, parent, uri, settings.storage_path or default_storage_path(),
                        settings.storage_endpoint_url)
     storage_path, storage_fs = ctx.storage()
-    trainable = tune.with_resources(run_trial, settings.trial_resources or default_trial_resources())
+    trainable = tune.with_resources(run_trial, driver_slot(settings))
     # Tune's grid and progress table show only the trial's name; its full config is looked up by it.
     param_space = {"run": tune.grid_search([t.run_name for t in sweep.trials]), "context": ctx.__dict__,
                    "trials": {t.run_name: t.to_dict() for t in sweep.trials}}
-    max_concurrent = settings.max_concurrent_trials or derived_max_concurrent(sweep.trials)
+    max_concurrent = settings.max_concurrent_trials or sweep_max_concurrent(
+        runtime_cluster(ray.cluster_resources()).nodes, sweep)
     experiment_path = f"{storage_path.rstrip('/')}/{sweep_id}"
     callbacks = [MlflowTrialStatus(uri, exp_id, sweep_id)]
     if resuming:
