@@ -13,6 +13,7 @@ import _path  # noqa: F401
 from mlflow.tracking import MlflowClient
 
 from unmix_ray import tracking
+from unmix_ray.redact import redact
 from unmix_ray.report import build_results, latest_sweep_id, log_results
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking.tracking_uri()
     sweep_id = latest_sweep_id(uri, args.experiment, args.sweep)
     if sweep_id is None:
-        print(f"error: no sweep {args.sweep or ''} in experiment {args.experiment!r} at {tracking.redacted(uri)}",
+        print(f"error: no sweep {args.sweep or ''} in experiment {args.experiment!r} at {redact(uri)}",
               file=sys.stderr)
         return 2
     table = build_results(uri, args.experiment, sweep_id)

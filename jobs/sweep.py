@@ -43,17 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from unmix_ray import tracking
+    from unmix_ray.redact import redact
     from unmix_ray.sweep import run_sweep
 
     uri = tracking.tracking_uri()
     table = run_sweep(sweep, uri, sweep_id=args.resume)
     print(f"\nResults of sweep {table.sweep_id} ({len(sweep.trials)} trials):\n")
     print(table.markdown())
-    print(f"\nMLflow: runs and the table are in experiment {sweep.config.experiment!r} at {tracking.redacted(uri)}")
+    print(f"\nMLflow: runs and the table are in experiment {sweep.config.experiment!r} at {redact(uri)}")
     if uri.startswith("sqlite:"):
         print(f"Open the UI with:  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
     else:
-        print(f"Open the UI at:    {tracking.redacted(uri)}")
+        print(f"Open the UI at:    {redact(uri)}")
     return 0 if table.complete else 1
 
 

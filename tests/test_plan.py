@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from .paper_configs import (
-    PAPER_DATASETS,
-    PAPER_METHODS,
-    PAPER_SWEEP,
-    missing_paper_components,
-    standin_config_dir,
-)
 
 from unmix_ray.config import (
     DatasetConfig,
@@ -38,6 +31,14 @@ from unmix_ray.plan import (
     trial_resources,
 )
 from unmix_ray.schema import ConfigError, build
+
+from .paper_configs import (
+    PAPER_DATASETS,
+    PAPER_METHODS,
+    PAPER_SWEEP,
+    missing_paper_components,
+    standin_config_dir,
+)
 
 # ----------------------------------------------------------------------------------------------
 # A small table whose numbers are easy to check by hand.

@@ -232,6 +232,25 @@ class GridConfig:
 
 
 @dataclass(frozen=True)
+class AshaSettings:
+    """ASHA early stopping (Li et al., 2020) on the per-epoch kNN monitor; a stopped trial is KILLED
+    in MLflow and shows as stopped in the results table."""
+
+    metric: str = "monitor_knn_top1"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = 1  # epochs every trial runs before it can be stopped
+    reduction_factor: float = 2.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.grace_period < 1:
+            out.append(f"grace_period: must be >= 1, got {self.grace_period}")
+        if self.reduction_factor <= 1:
+            out.append(f"reduction_factor: must be > 1, got {self.reduction_factor}")
+        return out
+
+
+@dataclass(frozen=True)
 class TuneSettings:
     max_concurrent_trials: int | None = None  # null: derived from the cluster's resources
     storage_path: str | None = None  # local path or s3://bucket/prefix; null: ~/ray_results/unmix
@@ -242,6 +261,7 @@ class TuneSettings:
     # cluster head that advertises them (cluster/aws-gpu.yaml). Both left at zero: one trial_driver
     # slot where the cluster offers one (the embedded local Ray does), else 0.01 CPU.
     trial_resources: dict[str, float] = field(default_factory=dict)
+    asha: AshaSettings | None = None  # null: every trial runs to the end
 
     def problems(self) -> list[str]:
         out = []

@@ -23,6 +23,7 @@ from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
 from unmix_ray import tracking
 from unmix_ray.config import Sweep, TrialConfig, TuneSettings
@@ -171,7 +172,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent,
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler(settings),
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=sweep_id, storage_path=storage_path, storage_filesystem=storage_fs,
                                       callbacks=callbacks),
@@ -183,6 +184,17 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
     log_results(client, parent, table)
     client.set_terminated(parent, status="FINISHED" if table.complete else "FAILED")
     return table
+
+
+def scheduler(settings: TuneSettings) -> ASHAScheduler | None:
+    if settings.asha is None:
+        return None
+    # Untrained references and final evaluations report no monitor metric: let those results through.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    a = settings.asha
+    max_t = 10**6  # the epochs each trial runs come from its own config; ASHA only cuts
+    return ASHAScheduler(time_attr="epoch", metric=a.metric, mode=a.mode, grace_period=a.grace_period,
+                         reduction_factor=a.reduction_factor, max_t=max_t)
 
 
 def _trial_name(trial: Any) -> str:

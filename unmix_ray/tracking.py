@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.config import TrialConfig
+from unmix_ray.redact import safe_params
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep
         client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(exp_id, run_name=trial.run_name, tags=trial_tags(trial, sweep_id) | {PARENT: parent_run_id})
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(trial.to_dict()).items()]
+    params = [Param(k, str(v)[:6000]) for k, v in safe_params(flatten(trial.to_dict())).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i:i + 100])
     return run.info.run_id
@@ -135,14 +136,3 @@ class RunLogger:
                 if time.monotonic() + backoff_s > deadline:
                     return False
                 time.sleep(backoff_s)
-
-
-def redacted(uri: str) -> str:
-    """A URI safe to print: any password in it replaced."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
