@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from unmix_ray.augment import BatchAugment
 from unmix_ray.config import TrialConfig
 from unmix_ray.data import load_pretrain
 from unmix_ray.methods import build_method
+from unmix_ray.methods.base import SSLMethod
 from unmix_ray.models import build_backbone
 from unmix_ray.optim import build_optimizer, build_scheduler, scaled_lr
 from unmix_ray.tracking import RunLogger
@@ -67,6 +69,51 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+@dataclass
+class Pretrainer:
+    """One method's optimisation step, applied batch after batch: augment twice, mix view 0, forward the
+    Un-Mix objective, step. Shared by the Ray Train loop and the benchmarks, so both time the same code."""
+
+    model: torch.nn.Module  # the method, possibly wrapped (DDP) or compiled
+    method: SSLMethod
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    augment: BatchAugment
+    precision: str = "fp32"
+    channels_last: bool = False
+    nan_check_every: int = 50
+
+    def epoch(self, images: torch.Tensor, batches: list[torch.Tensor], mixer: MixtureSampler, device: torch.device,
+              step0: int = 0, total_steps: int = 1, where: str = "") -> torch.Tensor:
+        """Train over ``batches`` (index tensors into uint8 ``images``); return the mean (total, clean,
+        mixed) loss as a device tensor. Raises NonFiniteLossError naming the step (``where`` says the rest)."""
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model.train()
+        sums = torch.zeros(3, device=device)
+        first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, kept on the device
+        for step, idx in enumerate(batches):
+            x = images[idx].to(device, non_blocking=True)
+            x0 = self.augment(x).contiguous(memory_format=memory_format)
+            x1 = self.augment(x).contiguous(memory_format=memory_format)
+            mixture = mixer(x0)
+            with autocast:
+                out = self.model(x0, x1, mixture)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.method.after_step((step0 + step + 1) / total_steps)
+            parts = torch.stack([out.total.detach(), out.clean.detach(), out.mixed.detach()]).float()
+            sums += parts
+            first_bad = torch.where((first_bad < 0) & ~parts.isfinite().all(), step, first_bad)
+            if (step + 1) % self.nan_check_every == 0 or step + 1 == len(batches):
+                bad = int(first_bad.item())  # a host sync every nan_check_every steps only
+                if bad >= 0:
+                    raise NonFiniteLossError(f"non-finite loss at {where}step {bad + 1}")
+        return sums / max(1, len(batches))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     trial = TrialConfig.from_dict(config["trial"])
     ctx = ray.train.get_context()
@@ -92,38 +139,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     augment_gen = torch.Generator(device=device)
     augment = BatchAugment(trial.dataset.augment, trial.dataset.crop_size, trial.dataset.mean,
                            trial.dataset.std, augment_gen)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
-    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    trainer = Pretrainer(model, method, optimizer, scheduler, augment, tc.precision, tc.channels_last,
+                         tc.nan_check_every)
 
     total_steps = max(1, len(batches) * tc.epochs)
     images = data.images.pin_memory() if device.type == "cuda" else data.images
     for epoch in range(start_epoch, tc.epochs):
-        model.train()
         augment_gen.manual_seed(epoch_seed(trial.seed, rank, epoch, 0))
         mixer = MixtureSampler(trial.mixture, seed=epoch_seed(trial.seed, rank, epoch, 1))
-        sums = torch.zeros(3, device=device)
-        first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, kept on the device
         start = time.perf_counter()
         epoch_batches = batches.epoch(epoch)
-        for step, idx in enumerate(epoch_batches):
-            x = images[idx].to(device, non_blocking=True)
-            x0 = augment(x).contiguous(memory_format=memory_format)
-            x1 = augment(x).contiguous(memory_format=memory_format)
-            mixture = mixer(x0)
-            with autocast:
-                out = model(x0, x1, mixture)
-            optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
-            optimizer.step()
-            scheduler.step()
-            method.after_step((epoch * len(batches) + step + 1) / total_steps)
-            parts = torch.stack([out.total.detach(), out.clean.detach(), out.mixed.detach()]).float()
-            sums += parts
-            first_bad = torch.where((first_bad < 0) & ~parts.isfinite().all(), step, first_bad)
-            if (step + 1) % tc.nan_check_every == 0 or step + 1 == len(epoch_batches):
-                check_finite(first_bad, epoch, trial, logger)  # a host sync every nan_check_every steps only
+        try:
+            mean_loss = trainer.epoch(images, epoch_batches, mixer, device, epoch * len(batches), total_steps,
+                                      where=f"epoch {epoch + 1}, ")
+        except NonFiniteLossError as e:
+            message = f"{e} of {trial.run_name}"
+            if logger:
+                logger.set_tags({"unmix.error": message})
+            raise NonFiniteLossError(message) from None
         elapsed = time.perf_counter() - start
-        loss = _mean_over_ranks(sums / max(1, len(epoch_batches))).tolist()
+        loss = _mean_over_ranks(mean_loss).tolist()
         metrics = {
             "loss": loss[0], "loss_clean": loss[1], "loss_mixed": loss[2],
             "lr": scheduler.get_last_lr()[0], "lr_scaled": scaled_lr(trial.method.optim, tc.batch_size),
@@ -144,15 +179,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if logger and not logger.flush(wait_s=600):
             raise RuntimeError(f"MLflow unreachable for 10 minutes; {len(logger.pending)} metrics not logged")
     ray.train.report(final)
-
-
-def check_finite(first_bad: torch.Tensor, epoch: int, trial: TrialConfig, logger: RunLogger | None) -> None:
-    bad = int(first_bad.item())
-    if bad >= 0:
-        message = f"non-finite loss at epoch {epoch + 1}, step {bad + 1} of {trial.run_name}"
-        if logger:
-            logger.set_tags({"unmix.error": message})
-        raise NonFiniteLossError(message)
 
 
 def save_checkpoint(method: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
