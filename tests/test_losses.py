@@ -155,3 +155,12 @@ def test_build_optimizer_makes_lars_with_the_config_groups():
     assert isinstance(opt, LARS)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1.2)] * 2
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-6, 0.0]
+
+
+def test_info_nce_stays_float32_under_bf16_autocast():
+    q, k, queue = unit(8, 16, seed=1), unit(8, 16, seed=2), unit(64, 16, seed=3)
+    exact = info_nce(q, k, queue, 0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = info_nce(q, k, queue, 0.07)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, rtol=1e-6, atol=1e-6)

@@ -300,6 +300,14 @@ def test_swav_codes_meet_their_marginals_and_prototypes_stay_unit():
     torch.testing.assert_close(m.prototypes.weight.norm(dim=1), torch.ones(10))
 
 
+def test_swav_scores_stay_float32_under_bf16_autocast():
+    m = make("swav")
+    x0, _ = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.outputs(x0)
+    assert out.scores.dtype == torch.float32 and out.codes.dtype == torch.float32
+
+
 def test_swav_flip_reverses_both_scores_and_codes():
     m = make("swav")
     x0, _ = batch()

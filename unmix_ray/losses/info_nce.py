@@ -14,9 +14,11 @@ import torch.nn.functional as F
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean InfoNCE of queries ``q`` [n, d] against positives ``k`` [n, d] and negatives ``queue``
-    [K, d]. Inputs are expected L2-normalised; ``k`` and ``queue`` are treated as constants."""
-    k, queue = k.detach(), queue.detach()
-    positive = (q * k).sum(dim=1, keepdim=True)
-    negative = q @ queue.to(q.dtype).T
-    logits = torch.cat([positive, negative], dim=1) / temperature
-    return F.cross_entropy(logits.float(), torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    [K, d]. Inputs are expected L2-normalised; ``k`` and ``queue`` are treated as constants. The
+    logits are computed in float32 even under autocast: with T = 0.07 a bfloat16 dot product would
+    move them by several hundredths."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, queue = q.float(), k.detach().float(), queue.detach().float()
+        positive = (q * k).sum(dim=1, keepdim=True)
+        logits = torch.cat([positive, q @ queue.T], dim=1) / temperature
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))

@@ -64,7 +64,11 @@ class SwAV(SSLMethod):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def outputs(self, x: torch.Tensor) -> SwAVOutput:
-        scores = self.prototypes(F.normalize(self.projector(self.backbone(x)), dim=1))
+        z = self.projector(self.backbone(x))
+        # Scores in float32 even under autocast: Sinkhorn takes exp(scores / 0.05), which would
+        # turn bfloat16 rounding of the scores into errors of several percent in the codes.
+        with torch.autocast(x.device.type, enabled=False):
+            scores = self.prototypes(F.normalize(z.float(), dim=1))
         codes = sinkhorn(scores.detach(), self.params.sinkhorn_eps, self.params.sinkhorn_iters)
         return SwAVOutput(scores, codes)
 
