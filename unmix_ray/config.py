@@ -102,7 +102,7 @@ class OptimConfig:
     """Optimiser recipe. ``lr`` is stated for ``base_batch_size``; the lr used is
     ``lr * global_batch / base_batch_size`` (linear scaling), logged as ``lr_scaled``."""
 
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam", "lars"] = "sgd"
     lr: float = 0.06
     base_batch_size: int = 256
     weight_decay: float = 5e-4

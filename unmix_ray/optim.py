@@ -1,4 +1,7 @@
-"""Optimisers and per-step learning-rate schedules (linear warm-up, then cosine or constant)."""
+"""Optimisers and per-step learning-rate schedules (linear warm-up, then cosine or constant).
+
+``lars`` is SGD with momentum under layer-wise adaptive rate control (LARC, as SwAV trains with it).
+"""
 
 from __future__ import annotations
 
@@ -31,7 +34,58 @@ def build_optimizer(model: nn.Module, config: OptimConfig, global_batch: int) ->
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
     if config.name == "adam":
         return torch.optim.Adam(groups, lr=lr)
+    if config.name == "lars":
+        return LARS(groups, lr=lr, momentum=config.momentum)
     raise ValueError(f"unknown optimiser {config.name!r}")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling, in LARC's form.
+
+    You et al., "Large Batch Training of Convolutional Networks", arXiv 1708.03888; the variant SwAV
+    uses (NVIDIA apex ``LARC``, trust coefficient 0.001, no clipping). For each parameter tensor
+    ``w`` with gradient ``g`` and weight decay ``wd``, the update direction ``g + wd w`` is scaled by
+
+        local_lr = trust * ||w|| / (||g|| + wd ||w|| + eps)
+
+    (with ``clip``: by ``min(local_lr / lr, 1)``), then fed to heavy-ball momentum with the group's
+    lr. A tensor whose weight or gradient norm is zero takes the plain gradient, without weight
+    decay, as LARC does.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, clip: bool = False, eps: float = 1e-8):
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, clip=clip, eps=eps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                local_lr = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                if group["clip"]:
+                    local_lr = torch.clamp(local_lr / lr, max=1.0)
+                adapt = (w_norm > 0) & (g_norm > 0)
+                d = torch.where(adapt, (g + wd * p) * local_lr, g)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                p.add_(state["momentum_buffer"], alpha=-lr)
+        return loss
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, final_ratio: float) -> float:

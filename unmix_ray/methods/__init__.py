@@ -6,11 +6,18 @@ from torch import nn
 
 from unmix_ray.config import MethodConfig
 from unmix_ray.methods.base import SSLMethod
+from unmix_ray.methods.byol import BYOL
+from unmix_ray.methods.moco import MoCoV1, MoCoV2
 from unmix_ray.methods.simclr import SimCLR
+from unmix_ray.methods.swav import SwAV
 from unmix_ray.schema import build
 
 METHODS: dict[str, type[SSLMethod]] = {
     "simclr": SimCLR,
+    "byol": BYOL,
+    "moco_v1": MoCoV1,
+    "moco_v2": MoCoV2,
+    "swav": SwAV,
 }
 
 

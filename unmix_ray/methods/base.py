@@ -4,11 +4,13 @@ A method file subclasses ``SSLMethod``: it declares its ``Params`` dataclass (va
 ``configs/methods/<name>.yaml``), builds its heads, and defines ``outputs(x)`` (what one view
 yields) and ``loss(a, b)`` (its base loss between two views' outputs). The mixture and its
 weighting come from ``unmix_objective``, written once. Methods with a momentum encoder or a queue
-also override ``forward`` or ``after_step``.
+also override ``forward`` or ``after_step``; ``mix_outputs`` lets a method give the mixture a
+different output than a clean view (BYOL can keep it out of the target branch).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import torch
@@ -28,13 +30,17 @@ class SSLMethod(nn.Module):
     def outputs(self, x: torch.Tensor) -> Any:
         raise NotImplementedError
 
+    def mix_outputs(self, x: torch.Tensor) -> Any:
+        """What the mixed batch yields; by default the same as a clean view."""
+        return self.outputs(x)
+
     def loss(self, a: Any, b: Any) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor, mixture: Mixture | None = None) -> UnmixLoss:
         out0, out1 = self.outputs(x0), self.outputs(x1)
         # The mixed batch gets its own forward pass (its own BN statistics), as in the paper.
-        out_mix = self.outputs(mixture.images) if mixture is not None else None
+        out_mix = self.mix_outputs(mixture.images) if mixture is not None else None
         return unmix_objective(self.loss, out0, out1, out_mix, mixture.lam if mixture is not None else 1.0)
 
     @torch.no_grad()
@@ -44,3 +50,20 @@ class SSLMethod(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features used by kNN and linear evaluation."""
         return self.backbone(x)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that takes no gradient: a momentum (EMA) encoder's starting point.
+    Its weights stay parameters, so they are in ``state_dict`` and move with ``.to()``."""
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """``target <- momentum * target + (1 - momentum) * online``, parameter by parameter.
+    BatchNorm running statistics are not averaged: each encoder keeps its own."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.lerp_(o.detach(), 1.0 - momentum)

@@ -1,0 +1,162 @@
+"""Two gloo workers (torch.multiprocessing, no Ray): the cross-worker parts of the methods.
+
+Each test spawns two processes on the loopback; a failed assertion in either one fails the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from unmix_ray.collectives import all_gather_no_grad, shuffled_forward
+from unmix_ray.config import MethodConfig
+from unmix_ray.losses.nt_xent import nt_xent
+from unmix_ray.losses.swav import sinkhorn
+from unmix_ray.methods import build_method
+from unmix_ray.models import NarrowResNet
+from unmix_ray.unmix import Mixture, mixup
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, *args) -> None:
+    mp.spawn(_entry, args=(fn, free_port(), args), nprocs=WORLD, join=True)
+
+
+def _entry(rank: int, fn, port: int, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _same_on_all_ranks(t: torch.Tensor) -> bool:
+    parts = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(parts, t.contiguous())
+    return all(torch.equal(parts[0], p) for p in parts[1:])
+
+
+# ---------------------------------------------------------------- SimCLR negatives, SwAV Sinkhorn
+
+
+def _losses_worker(rank: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    n_local, dim = 4, 6
+    x0_all, x1_all = (torch.randn(WORLD * n_local, 5, generator=g) for _ in range(2))
+    torch.manual_seed(1)
+    layer = nn.Linear(5, dim)
+    reference = nn.Linear(5, dim)
+    reference.load_state_dict(layer.state_dict())
+
+    # One process, the concatenated global batch.
+    ref_loss = nt_xent(reference(x0_all), reference(x1_all), 0.5, gather=False)
+    ref_loss.backward()
+
+    # Two workers, each its own half, negatives gathered with gradients; DDP averages gradients.
+    model = DistributedDataParallel(layer)
+    mine = slice(rank * n_local, (rank + 1) * n_local)
+    loss = nt_xent(model(x0_all[mine]), model(x1_all[mine]), 0.5, gather=True)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= WORLD
+    torch.testing.assert_close(mean_loss, ref_loss.detach(), rtol=1e-6, atol=1e-6)
+    for p, q in zip(layer.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    # Without gathering, each worker only sees its own negatives: the loss differs.
+    local = nt_xent(layer(x0_all[mine]), layer(x1_all[mine]), 0.5, gather=False).detach()
+    dist.all_reduce(local)
+    assert not torch.allclose(local / WORLD, ref_loss.detach(), rtol=1e-3)
+
+    # Sinkhorn over the global batch equals Sinkhorn on the concatenated scores.
+    z = F.normalize(torch.randn(WORLD * 6, 8, generator=g), dim=1)
+    scores_all = z @ F.normalize(torch.randn(5, 8, generator=g), dim=1).T
+    mine = slice(rank * 6, (rank + 1) * 6)
+    codes = sinkhorn(scores_all[mine], eps=0.05, iters=3)
+    torch.testing.assert_close(codes, sinkhorn(scores_all, 0.05, 3)[mine], rtol=1e-5, atol=1e-7)
+    # Prototype marginals hold over the global batch, not per worker.
+    col = all_gather_no_grad(sinkhorn(scores_all[mine], 0.05, 50)).sum(dim=0)
+    torch.testing.assert_close(col, torch.full((5,), WORLD * 6 / 5), rtol=1e-3, atol=1e-3)
+
+
+def test_gathered_negatives_and_global_sinkhorn_match_one_process():
+    spawn(_losses_worker)
+
+
+# ---------------------------------------------------------------- MoCo across workers
+
+
+class Flat(nn.Module):
+    """A per-sample encoder (no BatchNorm): its output for a sample ignores the rest of the batch."""
+
+    feature_dim = 12
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 12)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _moco_worker(rank: int) -> None:
+    # Shuffled-BN keys come back in the caller's order: with a per-sample encoder they equal the
+    # keys computed directly.
+    torch.manual_seed(0)
+    enc = Flat()
+    x = torch.randn(6, 3, 8, 8) + rank
+    torch.testing.assert_close(shuffled_forward(enc, x), enc(x))
+
+    # Every rank enqueues every rank's clean keys, so the queue is identical on all ranks.
+    torch.manual_seed(0)  # same initial weights and queue on both ranks
+    params = {"proj_dim": 8, "queue_size": 20, "momentum": 0.9}
+    method = build_method(MethodConfig("moco_v1", params), NarrowResNet(3, 4)).train()
+    assert _same_on_all_ranks(method.queue)
+    # broadcast_buffers=False: DDP must not paper over a queue that diverged between ranks.
+    model = DistributedDataParallel(method, broadcast_buffers=False)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data and its own mixture
+    for step in range(4):
+        x0, x1 = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
+        lam = float(torch.rand((), generator=g))
+        mix = Mixture(mixup(x0, lam), lam, "mixup")
+        out = model(x0, x1, mix)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        method.after_step(step / 4)
+        assert torch.isfinite(out.total)
+        assert int(method.queue_ptr) == (step + 1) * 4 * WORLD % 20
+        assert _same_on_all_ranks(method.queue) and _same_on_all_ranks(method.queue_ptr)
+    for p in list(method.parameters()):
+        assert _same_on_all_ranks(p.detach())
+
+    # The block just written is rank 0's keys, then rank 1's.
+    torch.manual_seed(0)
+    flat = build_method(MethodConfig("moco_v1", {"proj_dim": 8, "queue_size": 20}), Flat()).train()
+    x0, x1 = torch.randn(4, 3, 8, 8) + rank, torch.randn(4, 3, 8, 8) - rank
+    own = flat._key_encoder(x1)
+    flat(x0, x1, None)
+    expected = all_gather_no_grad(own)
+    torch.testing.assert_close(flat.queue[:8], expected)
+    assert not torch.allclose(expected[:4], expected[4:])
+
+
+def test_moco_queue_is_identical_on_all_workers():
+    spawn(_moco_worker)

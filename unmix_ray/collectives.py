@@ -1,0 +1,58 @@
+"""Small collective helpers shared by the methods; each is the identity on a single process.
+
+Gradients flow through ``gather_with_grad`` (unmix_ray.losses.nt_xent) only; the helpers here are for
+tensors that carry none: momentum keys, Sinkhorn sums, shuffle permutations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0, in rank order (all ranks must pass equal shapes)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks; returns ``x``."""
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``encoder(x)`` computed on a random permutation of the global batch, returned in ``x``'s order.
+
+    Shuffling BN (He et al., MoCo, CVPR 2020): each rank's BatchNorm then normalises keys with the
+    statistics of samples drawn from every rank, so a query and its positive key never share batch
+    statistics (which would leak a shortcut). With one process, BN already sees the whole batch and
+    a permutation changes nothing, so the encoder runs on ``x`` directly. Local batches must be of
+    equal size (drop_last loaders).
+    """
+    n_ranks = world_size()
+    if n_ranks == 1:
+        return encoder(x)
+    x_all = all_gather_no_grad(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)
+    mine = perm.view(n_ranks, -1)[rank()]
+    out_all = all_gather_no_grad(encoder(x_all[mine]))
+    restore = torch.argsort(perm).view(n_ranks, -1)[rank()]
+    return out_all[restore]

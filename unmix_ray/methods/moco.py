@@ -1,0 +1,170 @@
+"""MoCo v1 (He et al., CVPR 2020) and v2 (Chen et al., arXiv 2003.04297) with Un-Mix.
+
+Queries come from the online encoder (backbone + head), keys from a momentum encoder (no gradient)
+whose weights follow the online ones: ``theta_k <- m theta_k + (1 - m) theta_q``. Negatives are a
+queue of past keys. v1 and v2 differ only in their recipe (v2: an MLP head, T 0.2, cosine lr, blur).
+
+Un-Mix, as the authors did it: the clean key ``k`` of the second view is the positive of the
+clean query ``q`` of the first view *and* of the mixed queries; the mixed batch has its own forward
+pass through the online encoder, and its reversed copy is ``flip(q_mix)``:
+
+    CE(q, k) + lam CE(q_mix, k) + (1 - lam) CE(flip(q_mix), k)
+
+This is ``unmix_objective`` with outputs typed by role: the first view yields a ``Query``, the
+second a ``Key``, the mixture a ``Query``, and the base loss ``L(a, b)`` is InfoNCE of whichever
+argument is the query against whichever is the key. All terms of one step share the same negatives
+(the queue as it was before the step). Only clean keys are enqueued; every rank enqueues the keys
+of every rank (all-gathered, in rank order), so the queue is the same on all ranks.
+
+``symmetric`` adds the same three terms with the views' roles swapped: queries of the second view,
+keys of the first, and the second view mixed with the *same* mixture (same lam, same box). Pairing
+the first view's mixture with the first view's own key would make the positive the very view that
+was mixed, so the swapped half mixes the second view instead. Keys of both views are enqueued.
+
+Keys use shuffling BN across workers (``shuffle_bn``; see ``collectives.shuffled_forward``). The
+momentum encoder moves once per optimiser step, in ``after_step``: the same as MoCo's update at the
+start of the next forward, since nothing reads the key encoder in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unmix_ray.collectives import all_gather_no_grad, shuffled_forward
+from unmix_ray.losses.info_nce import info_nce
+from unmix_ray.methods.base import SSLMethod, ema_update, frozen_copy
+from unmix_ray.models import mlp
+from unmix_ray.unmix import Mixture, UnmixLoss, cutmix, mixup, unmix_objective
+
+
+@dataclass(frozen=True)
+class MoCoParams:
+    proj_hidden: int | None = None  # null: one linear layer (v1); an int: Linear-ReLU-Linear (v2)
+    proj_dim: int = 128
+    temperature: float = 0.1
+    queue_size: int = 4096
+    momentum: float = 0.99
+    symmetric: bool = False
+    shuffle_bn: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.queue_size < 1:
+            out.append(f"queue_size: must be >= 1, got {self.queue_size}")
+        if not 0.0 <= self.momentum <= 1.0:
+            out.append(f"momentum: must be in [0, 1], got {self.momentum}")
+        if self.temperature <= 0:
+            out.append(f"temperature: must be > 0, got {self.temperature}")
+        return out
+
+
+@dataclass(frozen=True)
+class MoCoV1Params(MoCoParams):
+    """The Un-Mix MoCo CIFAR recipe (a v1 model: linear head)."""
+
+
+@dataclass(frozen=True)
+class MoCoV2Params(MoCoParams):
+    """The MoCo v2 ImageNet recipe: MLP head 2048-2048-128, T 0.2, queue 65536, m 0.999."""
+
+    proj_hidden: int | None = 2048
+    temperature: float = 0.2
+    queue_size: int = 65536
+    momentum: float = 0.999
+
+
+class Query(NamedTuple):
+    q: torch.Tensor  # L2-normalised online embedding
+
+
+class Key(NamedTuple):
+    k: torch.Tensor  # L2-normalised momentum embedding (no gradient)
+
+
+def same_mixture(mixture: Mixture, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``mixture``'s draw (its lam for mixup, its box for CutMix) to another batch ``x``."""
+    if mixture.kind == "mixup":
+        return mixup(x, mixture.lam)
+    return cutmix(x, mixture.box)[0]
+
+
+class MoCo(SSLMethod):
+    Params = MoCoParams
+
+    def __init__(self, backbone: nn.Module, params: MoCoParams):
+        super().__init__(backbone, params)
+        hidden = [] if params.proj_hidden is None else [params.proj_hidden]
+        self.projector = mlp([backbone.feature_dim, *hidden, params.proj_dim], batch_norm=False)
+        self.key_backbone = frozen_copy(backbone)
+        self.key_projector = frozen_copy(self.projector)
+        self.register_buffer("queue", F.normalize(torch.randn(params.queue_size, params.proj_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def outputs(self, x: torch.Tensor) -> Query:
+        return Query(F.normalize(self.projector(self.backbone(x)), dim=1))
+
+    def _key_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> Key:
+        return Key(shuffled_forward(self._key_encoder, x) if self.params.shuffle_bn else self._key_encoder(x))
+
+    def loss(self, a: Query | Key, b: Query | Key, negatives: torch.Tensor | None = None) -> torch.Tensor:
+        """InfoNCE of the query (either argument) against the key (the other one) and ``negatives``
+        (default: the queue as it is now)."""
+        query, key = (a, b) if isinstance(a, Query) else (b, a)
+        if not (isinstance(query, Query) and isinstance(key, Key)):
+            raise TypeError("MoCo's loss pairs one Query with one Key")
+        negatives = self.queue if negatives is None else negatives
+        return info_nce(query.q, key.k, negatives, self.params.temperature)
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, mixture: Mixture | None = None) -> UnmixLoss:
+        # One snapshot of the queue for every term; the in-place enqueue below must not touch it.
+        loss = partial(self.loss, negatives=self.queue.clone())
+        lam = mixture.lam if mixture is not None else 1.0
+        k1 = self.keys(x1)
+        q_mix = self.outputs(mixture.images) if mixture is not None else None
+        out = unmix_objective(loss, self.outputs(x0), k1, q_mix, lam)
+        keys = [k1.k]
+        if self.params.symmetric:
+            k0 = self.keys(x0)
+            q_mix1 = self.outputs(same_mixture(mixture, x1)) if mixture is not None else None
+            swapped = unmix_objective(loss, self.outputs(x1), k0, q_mix1, lam)
+            out = UnmixLoss(out.total + swapped.total, out.clean + swapped.clean, out.mixed + swapped.mixed)
+            keys.append(k0.k)
+        self.enqueue(torch.cat(keys))
+        return out
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write every rank's ``keys`` (rank order) at the pointer, wrapping; the queue keeps the last
+        ``queue_size`` keys, the oldest at the pointer."""
+        keys = all_gather_no_grad(keys)
+        size, n = self.queue.shape[0], keys.shape[0]
+        ptr = self.queue_ptr
+        if n > size:  # only the newest ``size`` keys survive
+            keys, ptr = keys[-size:], ptr + (n - size)
+            n = size
+        idx = (ptr + torch.arange(n, device=keys.device)) % size
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((ptr + n) % size)
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        ema_update(self.key_backbone, self.backbone, self.params.momentum)
+        ema_update(self.key_projector, self.projector, self.params.momentum)
+
+
+class MoCoV1(MoCo):
+    Params = MoCoV1Params
+
+
+class MoCoV2(MoCo):
+    Params = MoCoV2Params

@@ -1,0 +1,80 @@
+"""SwAV (Caron et al., NeurIPS 2020) with Un-Mix.
+
+Each view's L2-normalised projection is scored against K prototypes (unit vectors); Sinkhorn-Knopp
+turns the scores of the global batch into codes (``losses.swav.sinkhorn``), and each view's scores
+predict the other view's codes (swapped prediction). A view's output is the pair (scores, codes).
+
+Un-Mix: ``L(x0, x1) + lam L(x1, mix) + (1 - lam) L(x1, flip(mix))``. The mixed batch gets its own
+codes from its own Sinkhorn pass; for the reversed term ``flip`` reverses *both* its scores and its
+codes, which is exactly what a forward pass of ``flip(mix)`` would give (Sinkhorn treats the samples
+of a batch symmetrically). The prototypes are put back on the unit sphere at construction and after
+every optimiser step (``after_step``), as SwAV does before each forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unmix_ray.losses.swav import sinkhorn, swapped_prediction
+from unmix_ray.methods.base import SSLMethod
+from unmix_ray.models import mlp
+
+
+@dataclass(frozen=True)
+class SwAVParams:
+    proj_hidden: int = 512
+    proj_dim: int = 128
+    n_prototypes: int = 100
+    temperature: float = 0.1
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 3
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.n_prototypes < 2:
+            out.append(f"n_prototypes: need at least 2, got {self.n_prototypes}")
+        if self.sinkhorn_iters < 1:
+            out.append(f"sinkhorn_iters: need at least 1, got {self.sinkhorn_iters}")
+        if self.sinkhorn_eps <= 0 or self.temperature <= 0:
+            out.append("sinkhorn_eps and temperature must be > 0")
+        return out
+
+
+class SwAVOutput(NamedTuple):
+    scores: torch.Tensor  # projection . prototypes, [n, K]
+    codes: torch.Tensor  # Sinkhorn assignment of the scores, [n, K], no gradient
+
+
+class SwAV(SSLMethod):
+    Params = SwAVParams
+
+    def __init__(self, backbone: nn.Module, params: SwAVParams):
+        super().__init__(backbone, params)
+        self.projector = mlp([backbone.feature_dim, params.proj_hidden, params.proj_dim])
+        self.prototypes = nn.Linear(params.proj_dim, params.n_prototypes, bias=False)
+        self.normalize_prototypes()
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def outputs(self, x: torch.Tensor) -> SwAVOutput:
+        z = self.projector(self.backbone(x))
+        # Scores in float32 even under autocast: Sinkhorn takes exp(scores / 0.05), which would
+        # turn bfloat16 rounding of the scores into errors of several percent in the codes.
+        with torch.autocast(x.device.type, enabled=False):
+            scores = self.prototypes(F.normalize(z.float(), dim=1))
+        codes = sinkhorn(scores.detach(), self.params.sinkhorn_eps, self.params.sinkhorn_iters)
+        return SwAVOutput(scores, codes)
+
+    def loss(self, a: SwAVOutput, b: SwAVOutput) -> torch.Tensor:
+        return swapped_prediction(a.scores, a.codes, b.scores, b.codes, self.params.temperature)
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        self.normalize_prototypes()
