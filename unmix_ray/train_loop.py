@@ -133,7 +133,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(method, trial.method.optim, tc.batch_size)
     scheduler = build_scheduler(optimizer, trial.method.optim, len(batches), tc.epochs, tc.batch_size)
     start_epoch = restore(method, optimizer, scheduler, device)
-    model = ray.train.torch.prepare_model(method) if world > 1 else method
+    # Buffers are not re-broadcast each step: BN statistics stay per rank (rank 0's are evaluated and
+    # checkpointed) and method state such as the MoCo queue is kept identical by construction.
+    model = (ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
+             if world > 1 else method)
     if tc.compile:
         model = torch.compile(model)
     augment_gen = torch.Generator(device=device)
@@ -174,11 +177,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch={epoch + 1:04d}" if ckpt else None)
 
     final: dict[str, Any] = {"epoch": tc.epochs}
+    ckpt = None
     if rank == 0:
         final |= final_evaluation(method, trial, device, logger)
         if logger and not logger.flush(wait_s=600):
             raise RuntimeError(f"MLflow unreachable for 10 minutes; {len(logger.pending)} metrics not logged")
-    ray.train.report(final)
+        if tc.epochs == 0:  # the untrained reference: keep its initial weights for re-evaluation
+            ckpt = save_checkpoint(method, optimizer, scheduler, 0, config)
+    ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="epoch=0000" if ckpt else None)
 
 
 def save_checkpoint(method: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,

@@ -24,7 +24,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
     """Mean NT-Xent over the 2n local anchors of ``a`` [n, d] and ``b`` [n, d], paired by row."""
-    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)  # logits in float32 under autocast
     (a_all, offset), (b_all, _) = (gather_with_grad(a), gather_with_grad(b)) if gather else ((a, 0), (b, 0))
     n, n_all = a.shape[0], a_all.shape[0]
     anchors = torch.cat([a, b])
