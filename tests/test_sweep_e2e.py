@@ -56,3 +56,30 @@ def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, fash
 
     again = build_results(uri, "unmix-ray", table.sweep_id)  # what jobs/report.py prints
     assert again.rows.equals(table.rows)
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, fashion_mnist_root):
+    """Sequential trials, ASHA on the training loss: the Un-Mix trial's total loss (clean + mixed terms)
+    is far above the baseline's, so at the first rung ASHA stops it."""
+    from unmix_ray.sweep import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
+        "grid.mixture=[none, both]", "untrained_reference=false", "train.epochs=4", "train.batch_size=64",
+        "datasets.fashion_mnist.train_subset=256", "datasets.fashion_mnist.test_subset=200", "eval.knn_every=0",
+        "eval.linear_epochs=1", "eval.knn_k=20", "tune.max_concurrent_trials=1",
+        "tune.asha={metric: loss, mode: min, grace_period: 1, reduction_factor: 2}",
+        f"tune.storage_path={tmp_path / 'ray'}",
+    ])
+    table = run_sweep(sweep, uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("unmix-ray")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], "tags.`unmix.role` = 'trial'")}
+    baseline, mixed = runs["simclr-fashion_mnist-none-p0.5-s0"], runs["simclr-fashion_mnist-both-p0.5-s0"]
+    assert baseline.info.status == "FINISHED"
+    assert mixed.info.status == "KILLED"
+    assert len(client.get_metric_history(mixed.info.run_id, "loss")) < 4  # stopped before its last epoch
+    assert "linear_top1" not in mixed.data.metrics
+    assert list(table.rows["variant"]) == ["none"]  # a stopped trial is no result
+    assert table.stopped == ["simclr-fashion_mnist-both-p0.5-s0"]

@@ -350,6 +350,8 @@ def trial_train(sweep: SweepConfig, dataset: str, method: str) -> dict[str, Any]
 def load_sweep(path: str | Path, overrides: list[str] = (), config_dir: Path = CONFIG_DIR) -> Sweep:
     """Read, compose and validate a sweep; raise ConfigError naming every problem."""
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and (config_dir.parent / path).is_file():
+        path = config_dir.parent / path  # a path relative to the project, run from elsewhere
     if not path.is_file():
         raise ConfigError([f"{path}: no such sweep config (see {config_dir / 'sweeps'})"])
     return compose_sweep(apply_overrides(_read_yaml(path), list(overrides)), config_dir, source=str(path))
