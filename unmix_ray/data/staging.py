@@ -51,6 +51,7 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 STATE_DIR = ".unmix_stage"
 MANIFEST_VERSION = 1
 DEFAULT_PART_SIZE = 64 * 2**20
+PART_ATTEMPTS = 4  # tries per part on network errors
 # Part sizes tried when checking a multipart ETag (boto3's default first, then common tool defaults).
 MULTIPART_GUESSES = tuple(m * 2**20 for m in (8, 5, 16, 15, 32, 64, 100, 128, 256, 512, 1024))
 
@@ -173,37 +174,56 @@ def etag_matches(path: Path, etag: str, size: int) -> bool | None:
 
 # ---- one object ------------------------------------------------------------------------------------------
 
-def _read_done(path: Path) -> set[int]:
+def _read_done(path: Path, header: str) -> set[int]:
+    """Part numbers recorded in a ``.part.done`` file written with the same ``header`` (part size, ETag)."""
     try:
-        return {int(x) for x in path.read_text().split()}
-    except (OSError, ValueError):
+        lines = path.read_text().splitlines()
+    except OSError:
         return set()
+    if not lines or lines[0] != header:
+        return set()
+    return {int(x) for x in lines[1:] if x.strip().isdigit()}
+
+
+class _ShortRead(OSError):
+    pass
+
+
+def _transient() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError
+    from urllib3.exceptions import HTTPError
+
+    return BotoCoreError, HTTPError, ConnectionError, TimeoutError, _ShortRead
 
 
 def fetch_object(client, bucket: str, obj: RemoteObject, path: Path, part_size: int = DEFAULT_PART_SIZE,
                  threads: int = 1, dataset: str = "dataset") -> None:
-    """Download ``obj`` to ``path`` through ``path.part`` (resuming from ``path.part.done``), verified."""
+    """Download ``obj`` to ``path`` through ``path.part`` (resuming from ``path.part.done``), verified.
+
+    A part cut by a network error is fetched again (``PART_ATTEMPTS`` tries, with backoff); a process
+    that dies leaves the ``.part`` and ``.part.done`` files for the next call to resume from.
+    """
     from botocore.exceptions import ClientError
 
     path.parent.mkdir(parents=True, exist_ok=True)
     part_path = path.with_name(path.name + ".part")
     done_path = path.with_name(path.name + ".part.done")
     nparts = max(1, -(-obj.size // part_size))
-    done = _read_done(done_path) if part_path.exists() and part_path.stat().st_size == obj.size else set()
+    header = f"part_size={part_size} etag={obj.etag}"
+    done = set()
+    if part_path.exists() and part_path.stat().st_size == obj.size:
+        done = _read_done(done_path, header)
     if not done:
         with open(part_path, "wb") as f:
             f.truncate(obj.size)
-        done_path.write_text("")
-    pending = [i for i in range(nparts) if i not in done]
-    if done:
+        done_path.write_text(header + "\n")
+    else:
         log.info("resuming s3://%s/%s: %d of %d parts already here", bucket, obj.key, len(done), nparts)
+    pending = [i for i in range(nparts) if i not in done]
     record = threading.Lock()
+    transient = _transient()
 
-    def get_part(i: int) -> None:
-        lo = i * part_size
-        hi = min(obj.size, lo + part_size) - 1
-        if obj.size == 0:
-            return
+    def get_range(lo: int, hi: int) -> None:
         try:
             resp = client.get_object(Bucket=bucket, Key=obj.key, Range=f"bytes={lo}-{hi}", IfMatch=obj.etag)
         except ClientError as e:
@@ -221,7 +241,23 @@ def fetch_object(client, bucket: str, obj: RemoteObject, path: Path, part_size: 
         finally:
             os.close(fd)
         if offset != hi + 1:
-            raise OSError(f"short read of s3://{bucket}/{obj.key} bytes {lo}-{hi}: got {offset - lo} bytes")
+            raise _ShortRead(f"short read of bytes {lo}-{hi}: got {offset - lo} bytes")
+
+    def get_part(i: int) -> None:
+        if obj.size == 0:
+            return
+        lo = i * part_size
+        hi = min(obj.size, lo + part_size) - 1
+        for attempt in range(1, PART_ATTEMPTS + 1):
+            try:
+                get_range(lo, hi)
+                break
+            except transient as e:
+                if attempt == PART_ATTEMPTS:
+                    raise
+                log.warning("s3://%s/%s bytes %d-%d: %s; fetching the part again (%d/%d)", bucket, obj.key,
+                            lo, hi, type(e).__name__, attempt, PART_ATTEMPTS - 1)
+                time.sleep(min(30.0, 0.5 * 2**attempt))
         with record, open(done_path, "a") as f:
             f.write(f"{i}\n")
 
