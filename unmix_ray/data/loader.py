@@ -8,6 +8,7 @@ uint8 [B, C, S, S] and int64 [B], on the CPU (pinned when CUDA is available, for
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 from collections.abc import Iterator
 
 import numpy as np
@@ -81,11 +82,17 @@ class StreamBatches:
         self.num_classes = num_classes
         self.sampler = ShardSampler(len(dataset), rank, world_size, seed, shuffle, drop_last)
         gen = torch.Generator().manual_seed(seed * 1000 + rank)  # the workers' base seed, per rank
+        context = None
+        if workers > 0:
+            # Workers fork from a server that has imported torch and the decoder once, instead of each
+            # importing them (seconds apiece); forking the training process itself is unsafe with CUDA.
+            context = mp.get_context("forkserver")
+            context.set_forkserver_preload(["torch", "torchvision", "unmix_ray.data.imagenet"])
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last, num_workers=workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, generator=gen,
             prefetch_factor=4 if workers > 0 else None,
-            multiprocessing_context="forkserver" if workers > 0 else None,
+            multiprocessing_context=context,
         )
 
     def set_epoch(self, epoch: int) -> None:
