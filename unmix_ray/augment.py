@@ -210,7 +210,8 @@ class BatchAugment:
         out.mul_(_per_sample(c)).add_(_per_sample(mean * (1 - c))).clamp_(0.0, 1.0)
         if x.shape[1] == 3:
             s = _per_sample(torch.where(keep, p["saturation"], one))
-            out.mul_(s).add_(_luma(out) * (1 - s)).clamp_(0.0, 1.0)
+            grey = _luma(out) * (1 - s)  # (computed before out is scaled in place)
+            out.mul_(s).add_(grey).clamp_(0.0, 1.0)
             if self.cfg.jitter[3] > 0:
                 out = shift_hue(out, torch.where(keep, p["hue"], 0.0))
         return out
