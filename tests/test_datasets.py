@@ -342,3 +342,29 @@ def test_fixture_writer_api(tmp_path):
         write_fixture("mnist", tmp_path)
     root = write_fixture("cifar100", tmp_path / "c100", 1)
     assert load_split(config("cifar100", root), "test").num_classes == 100  # real class count by default
+
+
+def test_download_flag_uses_torchvision_once_and_fails_clearly(tmp_path, monkeypatch):
+    import torchvision
+
+    from unmix_ray.data import prepare
+
+    calls = []
+
+    def fake_cifar10(root, train, download):  # what torchvision leaves behind: cifar-10-batches-py/
+        calls.append(train)
+        write_fixture("cifar10", root, 1)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
+    cfg = config("cifar10", tmp_path / "dl", download=True)
+    assert len(load_split(cfg, "test")) == 10 and calls == [True, False]
+    prepare(cfg)
+    assert calls == [True, False]  # present now: not fetched again
+
+    def offline(root, train, download):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(DatasetError, match="torchvision download failed") as e:
+        load_split(config("cifar100", tmp_path / "none", download=True), "train")
+    assert_clear(e.value, "cifar100", "none")
