@@ -8,12 +8,16 @@ the same run, and report views per second (two views per image) as the median ov
     python bench/augment.py --device cuda   # BatchAugment on a GPU (the PIL pipeline stays on CPU)
 
 The last line printed is one JSON object: {"batched_views_per_s", "pil_views_per_s", "ratio", ...}.
+Repeats alternate between the two, so both see the same machine load (reported as load_avg_1min).
+On a machine shared with other work, use ``--threads 1``: with more threads than free cores, every
+small op's OpenMP barrier waits for a descheduled thread and the batched figure collapses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     a, b = statistics.median(batched), statistics.median(pil)
     result = {"batched_views_per_s": round(a), "pil_views_per_s": round(b), "ratio": round(a / b, 2),
               "device": str(device), "threads": torch.get_num_threads(), "batch": args.batch,
-              "repeats": args.repeats}
+              "repeats": args.repeats, "load_avg_1min": round(os.getloadavg()[0], 2)}
     print(f"batched views/s per repeat: {[round(v) for v in batched]}")
     print(f"PIL views/s per repeat:     {[round(v) for v in pil]}")
     print(json.dumps(result))

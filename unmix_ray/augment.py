@@ -177,25 +177,32 @@ class BatchAugment:
 
     # ---- the operations ------------------------------------------------------------------------------
 
+    def crop_weights(self, params: dict[str, torch.Tensor], height: int, width: int,
+                     scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The interpolation matrices of the boxes in ``params``: rows [N, crop, H], columns [N, crop, W]."""
+        p = params
+        left = (p["cx"] + 1 - p["w"]) * (width / 2)
+        top = (p["cy"] + 1 - p["h"]) * (height / 2)
+        wx = resize_weights(left, p["w"] * width, width, self.crop, p["flip"] < 0)
+        wy = resize_weights(top, p["h"] * height, height, self.crop)
+        return (wy.mul_(scale) if scale != 1.0 else wy), wx
+
     def resized_crop(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Crop each image to its box and resize it to ``crop x crop`` (flipped where drawn).
 
-        ``x`` is uint8 (scaled to [0, 1] here) or float; the result is float32.
+        ``x`` is uint8 (scaled to [0, 1] here) or float; the result is float32. ``params`` may carry
+        the matrices already (``wy``, ``wx`` from ``crop_weights``, as ``params()`` adds them).
         """
         n, ch, hgt, wid = x.shape
         p = params if params is not None else self.crop_params(n, x.device, aspect=wid / hgt)
         scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
-        x = x.float()
-        bw, bh = p["w"] * wid, p["h"] * hgt
-        left = (p["cx"] + 1 - p["w"]) * (wid / 2)
-        top = (p["cy"] + 1 - p["h"]) * (hgt / 2)
-        wx = resize_weights(left, bw, wid, self.crop, p["flip"] < 0)  # [N, crop, W]
-        wy = resize_weights(top, bh, hgt, self.crop)  # [N, crop, H]
-        if scale != 1.0:
-            wy = wy.mul_(scale)
-        cols = torch.bmm(x.reshape(n, ch * hgt, wid), wx.transpose(1, 2))  # [N, C*H, crop]
-        cols = cols.view(n, ch, hgt, self.crop)
-        return torch.matmul(wy.unsqueeze(1), cols)  # [N, C, crop, crop]
+        if "wy" in p:
+            wy, wx = p["wy"], p["wx"]
+            wy = wy * scale if scale != 1.0 else wy
+        else:
+            wy, wx = self.crop_weights(p, hgt, wid, scale)
+        cols = torch.bmm(x.float().reshape(n, ch * hgt, wid), wx.transpose(1, 2))  # [N, C*H, crop]
+        return torch.matmul(wy.unsqueeze(1), cols.view(n, ch, hgt, self.crop))  # [N, C, crop, crop]
 
     def color_jitter(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         n = x.shape[0]
@@ -240,7 +247,9 @@ class BatchAugment:
         """Every random parameter of one view of ``images``, one set per image."""
         n, _, hgt, wid = images.shape
         dev = images.device
-        out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {"crop": self.crop_params(n, dev, wid / hgt)}
+        crop = self.crop_params(n, dev, wid / hgt)
+        crop["wy"], crop["wx"] = self.crop_weights(crop, hgt, wid)  # built once for the batch, not per chunk
+        out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {"crop": crop}
         if self.cfg.jitter_p > 0:
             out["jitter"] = self.jitter_params(n, dev)
         if self.cfg.gray_p > 0 and images.shape[1] == 3:
