@@ -472,21 +472,21 @@ def _stage_tree(client, bucket: str, objects: list[RemoteObject], dest: Path, pa
                 continue  # a line cut by a crash
             have[entry["rel"]] = entry["v"]
     files: dict[str, list] = {}
-    todo = []
+    to_fetch = []
     for o in objects:
         prev = have.get(o.rel)
         st = _stat(dest / o.rel)
         if prev and st and prev[0] == o.size and prev[2] == o.etag and st == (prev[0], prev[1]):
             files[o.rel] = prev
         else:
-            todo.append(o)
-    if len(todo) < len(objects):
-        log.info("%s: %d of %d objects already staged", dataset, len(objects) - len(todo), len(objects))
+            to_fetch.append(o)
+    if len(to_fetch) < len(objects):
+        log.info("%s: %d of %d objects already staged", dataset, len(objects) - len(to_fetch), len(objects))
     lock = threading.Lock()
     with open(journal, "a") as jf:
         def one(o: RemoteObject) -> None:
             path = dest / o.rel
-            _fetch_verified(client, bucket, o, path, part_size, 1 if len(todo) > 1 else threads, dataset)
+            _fetch_verified(client, bucket, o, path, part_size, 1 if len(to_fetch) > 1 else threads, dataset)
             st = _stat(path)
             entry = [o.size, st[1], o.etag]
             with lock:
@@ -494,7 +494,7 @@ def _stage_tree(client, bucket: str, objects: list[RemoteObject], dest: Path, pa
                 jf.write(json.dumps({"rel": o.rel, "v": entry}) + "\n")
                 jf.flush()
 
-        _run_all(one, todo, threads)
+        _run_all(one, to_fetch, threads)
     journal.unlink(missing_ok=True)
     return dict(sorted(files.items()))
 
