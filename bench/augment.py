@@ -4,13 +4,15 @@ Both apply the same recipe (RandomResizedCrop scale 0.2-1 to 32, horizontal flip
 (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, normalisation) to CIFAR-sized 32x32 RGB images, in
 the same run, and report views per second (two views per image) as the median over repeats.
 
-    python bench/augment.py                 # CPU, torch's default thread count
+    python bench/augment.py                 # CPU, one core each (one torch thread against one PIL loop)
+    python bench/augment.py --threads 2     # BatchAugment with 2 intra-op threads
     python bench/augment.py --device cuda   # BatchAugment on a GPU (the PIL pipeline stays on CPU)
 
 The last line printed is one JSON object: {"batched_views_per_s", "pil_views_per_s", "ratio", ...}.
 Repeats alternate between the two, so both see the same machine load (reported as load_avg_1min).
-On a machine shared with other work, use ``--threads 1``: with more threads than free cores, every
-small op's OpenMP barrier waits for a descheduled thread and the batched figure collapses.
+The default compares one core with one core. More threads help only on idle cores: with more
+threads than free cores, every small op's OpenMP barrier waits for a descheduled thread and the
+batched figure collapses (seen on the shared 2-core test machine).
 """
 
 from __future__ import annotations
@@ -78,10 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=512, help="images per BatchAugment call")
     ap.add_argument("--pil-images", type=int, default=1024, help="images per PIL repeat")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for BatchAugment")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = AugmentConfig(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
                         blur_p=0.0)
