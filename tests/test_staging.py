@@ -347,3 +347,15 @@ def test_multipart_etags_are_checked(tmp_path):
     assert staging.etag_matches(path, hashlib.md5(data).hexdigest(), len(data)) is True
     assert staging.etag_matches(path, hashlib.md5(b"other").hexdigest(), len(data)) is False
     assert staging.etag_matches(path, "not-an-md5", len(data)) is None  # e.g. SSE-KMS: size check only
+
+
+def test_files_next_to_an_extracted_archive_are_not_tracked(s3, tmp_path, archive):
+    source, _, _ = archive
+    dest = tmp_path / "dest"
+    (dest / "notes").mkdir(parents=True)
+    (dest / "notes" / "mine.txt").write_text("kept, and not part of the dataset")
+    staging.stage(source, dest, endpoint_url=s3.url, dataset="stl10")
+    (dest / "notes" / "mine.txt").unlink()  # e.g. a cache cleared: no reason to fetch the archive again
+    before = len(s3.gets())
+    staging.stage(source, dest, endpoint_url=s3.url, dataset="stl10")
+    assert _new_gets(s3, before) == []

@@ -370,6 +370,7 @@ def _extract(archive: Path, dest: Path, dataset: str) -> list[str]:
                 t.extractall(scratch, filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
         raise DatasetError(dataset, archive, f"cannot extract the archive ({e})", LAYOUT) from e
+    rels = sorted(str(p.relative_to(scratch)) for p in _walk_files(scratch))  # the archive's files only
     for entry in scratch.iterdir():
         target = dest / entry.name
         if target.is_dir() and not target.is_symlink():
@@ -378,7 +379,7 @@ def _extract(archive: Path, dest: Path, dataset: str) -> list[str]:
             target.unlink()
         os.replace(entry, target)
     scratch.rmdir()
-    return sorted(str(p.relative_to(dest)) for p in _walk_files(dest))
+    return rels
 
 
 # ---- the entry point -------------------------------------------------------------------------------------
