@@ -68,14 +68,27 @@ class AugmentConfig:
         return out
 
 
+# Datasets torchvision can download (``download: true``); the others must be provided.
+DOWNLOADABLE = ("cifar10", "cifar100", "stl10")
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
+    """One dataset: where it lives, its shape and statistics, and its augmentation recipe.
+
+    ``root`` is the local directory the loader reads. With ``source`` (``s3://bucket/prefix`` for a tree
+    of objects, or ``s3://bucket/key.tar[.gz]|.tgz|.zip`` for one archive) each node stages the data into
+    ``root`` once before loading (see ``unmix_ray.data.staging``); ``endpoint_url`` points boto3 at an
+    S3-compatible store (credentials come from the environment or the instance role only).
+    ``download: true`` lets torchvision fetch CIFAR / STL-10 into ``root`` when it is missing there.
+    """
+
     name: str
     root: str
     num_classes: int
     channels: int
-    image_size: int
-    crop_size: int
+    image_size: int  # side of the stored images; for ImageNet, the side they are resized to (256)
+    crop_size: int  # side of the views fed to the network
     mean: tuple[float, ...]
     std: tuple[float, ...]
     pretrain_splits: tuple[str, ...] = ("train",)
@@ -85,6 +98,11 @@ class DatasetConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    source: str | None = None
+    endpoint_url: str | None = None
+    download: bool = False
+    # Processes/threads decoding JPEGs (Tiny ImageNet, ImageNet); null: one per CPU, at most 8.
+    decode_workers: int | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -94,6 +112,22 @@ class DatasetConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 out.append(f"{name}: must be positive or null, got {v}")
+        if self.crop_size <= 0 or self.image_size <= 0:
+            out.append(f"image_size/crop_size: must be positive, got {self.image_size}/{self.crop_size}")
+        if self.source is not None:
+            bucket = self.source[5:].split("/", 1)[0] if self.source.startswith("s3://") else ""
+            if len(bucket) < 3:
+                out.append(f"source: expected s3://bucket/prefix or s3://bucket/archive.tar.gz, got "
+                           f"{self.source!r}")
+            if self.download:
+                out.append("download: cannot be combined with source (the data comes from S3)")
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            out.append("endpoint_url: expected http(s)://host[:port]")  # not echoed: it may embed secrets
+        if self.download and self.name not in DOWNLOADABLE:
+            out.append(f"download: torchvision cannot download {self.name!r} (only "
+                       f"{', '.join(DOWNLOADABLE)})")
+        if self.decode_workers is not None and self.decode_workers < 0:
+            out.append(f"decode_workers: must be >= 0 or null, got {self.decode_workers}")
         return out
 
 

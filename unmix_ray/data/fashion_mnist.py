@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +51,8 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return body.reshape(shape)
 
 
-def load(root: str | Path, split: str) -> ImageSet:
-    root = Path(root)
+def load(root: str | Path, split: str, **_: Any) -> ImageSet:
+    root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(NAME, root, "data root not found", LAYOUT)
     if split not in FILES:
@@ -63,4 +64,5 @@ def load(root: str | Path, split: str) -> ImageSet:
         raise DatasetError(NAME, root, f"{images.shape[0]} images but {labels.shape[0]} labels", LAYOUT)
     if labels.size and labels.max() >= 10:
         raise DatasetError(NAME, root, f"label {labels.max()} outside the 10 classes", LAYOUT)
-    return ImageSet(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10)
+    images_t = torch.from_numpy(images.copy()).unsqueeze(1)
+    return ImageSet(images_t, torch.from_numpy(labels.astype(np.int64)), 10)

@@ -1,0 +1,37 @@
+"""CIFAR-100 from the original python pickles: 50k train / 10k test, 32x32 RGB, 100 fine classes.
+
+Same format as CIFAR-10 (see cifar10.py); the labels used are ``fine_labels`` (the 20 coarse
+super-classes are ignored).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from unmix_ray.data.cifar10 import check_names, find_dir, read_batch, to_imageset
+from unmix_ray.data.errors import DatasetError
+from unmix_ray.data.imageset import ImageSet
+
+NAME = "cifar100"
+DIR = "cifar-100-python"
+SPLITS = ("train", "test")
+META = "meta"
+NUM_CLASSES = 100
+LAYOUT = """<root>/cifar-100-python/   (or <root> itself; the folder in cifar-100-python.tar.gz)
+    train   pickled dict: data uint8 [50000, 3072] (R, G, B planes, row-major), fine_labels, coarse_labels
+    test    the same, 10000 images
+    meta    pickled dict: fine_label_names (100 names), coarse_label_names (20)"""
+
+
+def present(root: str | Path) -> bool:
+    root = Path(root).expanduser()
+    return any((d / META).exists() for d in (root / DIR, root))
+
+
+def load(root: str | Path, split: str, **_: Any) -> ImageSet:
+    if split not in SPLITS:
+        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(SPLITS)})", LAYOUT)
+    d = find_dir(root, DIR, META, NAME, LAYOUT)
+    check_names(d / META, "fine_label_names", NUM_CLASSES, NAME, LAYOUT)
+    return to_imageset([read_batch(d / split, "fine_labels", NUM_CLASSES, NAME, LAYOUT)], NUM_CLASSES)
