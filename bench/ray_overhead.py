@@ -28,39 +28,41 @@ def build(args: dict, rank: int, world: int):
     from unmix_ray.augment import BatchAugment
     from unmix_ray.config import AugmentConfig, MethodConfig, MixtureConfig, OptimConfig
     from unmix_ray.data import fashion_mnist
+    from unmix_ray.data.loader import MemoryBatches
     from unmix_ray.methods import build_method
     from unmix_ray.models import NarrowResNet
     from unmix_ray.optim import build_optimizer, build_scheduler
-    from unmix_ray.train_loop import Pretrainer, ShardedBatches
+    from unmix_ray.train_loop import Pretrainer
     from unmix_ray.unmix import MixtureSampler
 
     torch.set_num_threads(args["threads"] // world)
-    images = fashion_mnist.load(args["root"], "train").subset(args["images"], 0).images
+    data = fashion_mnist.load(args["root"], "train").subset(args["images"], 0)
     torch.manual_seed(0)
     optim = OptimConfig(name="adam", lr=3e-3, weight_decay=1e-6)
     method = build_method(MethodConfig("simclr", {"proj_hidden": 256, "proj_dim": 64}, optim), NarrowResNet(1, 16))
-    batches = ShardedBatches(len(images), args["batch"] // world, rank, world, seed=0)
+    batches = MemoryBatches(data, args["batch"] // world, rank, world, seed=0, shuffle=True, drop_last=True)
     optimizer = build_optimizer(method, optim, args["batch"])
     scheduler = build_scheduler(optimizer, optim, len(batches), args["epochs"], args["batch"])
     augment = BatchAugment(AugmentConfig(jitter=(0.4, 0.4, 0.0, 0.0), gray_p=0.0), 28, (0.286,), (0.353,),
                            torch.Generator().manual_seed(rank))
-    return method, Pretrainer(method, method, optimizer, scheduler, augment), images, batches, MixtureSampler(
+    return method, Pretrainer(method, method, optimizer, scheduler, augment), batches, MixtureSampler(
         MixtureConfig("both"), seed=rank)
 
 
-def timed_epochs(trainer, images, batches, mixer, epochs: int) -> list[float]:
+def timed_epochs(trainer, batches, mixer, epochs: int) -> list[float]:
     times = []
     for epoch in range(epochs):
         start = time.perf_counter()
-        loss = trainer.epoch(images, batches.epoch(epoch), mixer, torch.device("cpu"))
+        batches.set_epoch(epoch)
+        loss = trainer.epoch(batches, mixer, torch.device("cpu"))
         loss.tolist()  # wait for the epoch's work, as the training loop does once per epoch
         times.append(time.perf_counter() - start)
     return times
 
 
 def plain(args: dict) -> list[float]:
-    _, trainer, images, batches, mixer = build(args, 0, 1)
-    return timed_epochs(trainer, images, batches, mixer, args["epochs"])
+    _, trainer, batches, mixer = build(args, 0, 1)
+    return timed_epochs(trainer, batches, mixer, args["epochs"])
 
 
 def ray_worker(args: dict) -> None:
@@ -68,9 +70,9 @@ def ray_worker(args: dict) -> None:
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    method, trainer, images, batches, mixer = build(args, ctx.get_world_rank(), ctx.get_world_size())
+    method, trainer, batches, mixer = build(args, ctx.get_world_rank(), ctx.get_world_size())
     trainer.model = ray.train.torch.prepare_model(method) if ctx.get_world_size() > 1 else method
-    times = timed_epochs(trainer, images, batches, mixer, args["epochs"])
+    times = timed_epochs(trainer, batches, mixer, args["epochs"])
     if ctx.get_world_rank() == 0:  # Train V2 keeps no metrics without a checkpoint: hand them over by file
         Path(args["out"]).write_text(json.dumps(times))
     ray.train.report({})

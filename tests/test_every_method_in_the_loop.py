@@ -9,10 +9,11 @@ import torch
 from unmix_ray.augment import BatchAugment
 from unmix_ray.config import load_sweep
 from unmix_ray.data import fashion_mnist
+from unmix_ray.data.loader import MemoryBatches
 from unmix_ray.methods import METHODS, build_method
 from unmix_ray.models import build_backbone
 from unmix_ray.optim import build_optimizer, build_scheduler
-from unmix_ray.train_loop import Pretrainer, ShardedBatches
+from unmix_ray.train_loop import Pretrainer
 from unmix_ray.unmix import MixtureSampler
 
 from .conftest import ROOT
@@ -22,18 +23,18 @@ from .conftest import ROOT
 def test_method_trains_an_epoch_with_every_mixture(method, fashion_mnist_root):
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
         f"grid.method=[{method}]", "untrained_reference=false", "train.batch_size=32"])
-    images = fashion_mnist.load(fashion_mnist_root, "test").subset(128, 0).images
+    data = fashion_mnist.load(fashion_mnist_root, "test").subset(128, 0)
     for trial in sweep.trials:
         torch.manual_seed(0)
         m = build_method(trial.method, build_backbone(trial.train.backbone, 1))
-        batches = ShardedBatches(len(images), 32, 0, 1, seed=0)
+        batches = MemoryBatches(data, 32, 0, 1, seed=0, shuffle=True, drop_last=True)
         opt = build_optimizer(m, trial.method.optim, 32)
         sched = build_scheduler(opt, trial.method.optim, len(batches), 1, 32)
         augment = BatchAugment(trial.dataset.augment, 28, trial.dataset.mean, trial.dataset.std,
                                torch.Generator().manual_seed(0))
         before = [p.detach().clone() for p in m.parameters() if p.requires_grad]
-        loss = Pretrainer(m, m, opt, sched, augment).epoch(images, batches.epoch(0),
-                                                            MixtureSampler(trial.mixture, 0), torch.device("cpu"))
+        loss = Pretrainer(m, m, opt, sched, augment).epoch(batches, MixtureSampler(trial.mixture, 0),
+                                                            torch.device("cpu"))
         total, clean, mixed = loss.tolist()
         assert torch.isfinite(loss).all()
         assert total == pytest.approx(clean + mixed, rel=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +21,10 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 
 from unmix_ray.augment import BatchAugment
 from unmix_ray.config import TrialConfig
-from unmix_ray.data import load_pretrain
+from unmix_ray.data import image_loader
 from unmix_ray.methods import build_method
 from unmix_ray.methods.base import SSLMethod
 from unmix_ray.models import build_backbone
@@ -34,24 +34,6 @@ from unmix_ray.trial_eval import final_evaluation, monitor_knn
 from unmix_ray.unmix import MixtureSampler
 
 CHECKPOINT_FILE = "state.pt"
-
-
-class ShardedBatches:
-    """Index batches of this rank's shard of an in-memory dataset (DistributedSampler's split,
-    drop_last so every batch has the same even size)."""
-
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int):
-        self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                          drop_last=True)
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
-
-    def epoch(self, epoch: int) -> list[torch.Tensor]:
-        self.sampler.set_epoch(epoch)
-        idx = torch.tensor(list(self.sampler))
-        return list(idx[: len(self) * self.batch_size].split(self.batch_size))
 
 
 def epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
@@ -83,17 +65,18 @@ class Pretrainer:
     channels_last: bool = False
     nan_check_every: int = 50
 
-    def epoch(self, images: torch.Tensor, batches: list[torch.Tensor], mixer: MixtureSampler, device: torch.device,
-              step0: int = 0, total_steps: int = 1, where: str = "") -> torch.Tensor:
-        """Train over ``batches`` (index tensors into uint8 ``images``); return the mean (total, clean,
-        mixed) loss as a device tensor. Raises NonFiniteLossError naming the step (``where`` says the rest)."""
+    def epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mixer: MixtureSampler,
+              device: torch.device, step0: int = 0, total_steps: int = 1, where: str = "") -> torch.Tensor:
+        """Train over ``batches`` of (uint8 images, labels); return the mean (total, clean, mixed) loss as
+        a device tensor. Raises NonFiniteLossError naming the step (``where`` says the rest)."""
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.train()
         sums = torch.zeros(3, device=device)
         first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, kept on the device
-        for step, idx in enumerate(batches):
-            x = images[idx].to(device, non_blocking=True)
+        n = len(batches)
+        for step, (images, _) in enumerate(batches):
+            x = images.to(device, non_blocking=True)
             x0 = self.augment(x).contiguous(memory_format=memory_format)
             x1 = self.augment(x).contiguous(memory_format=memory_format)
             mixture = mixer(x0)
@@ -107,11 +90,11 @@ class Pretrainer:
             parts = torch.stack([out.total.detach(), out.clean.detach(), out.mixed.detach()]).float()
             sums += parts
             first_bad = torch.where((first_bad < 0) & ~parts.isfinite().all(), step, first_bad)
-            if (step + 1) % self.nan_check_every == 0 or step + 1 == len(batches):
+            if (step + 1) % self.nan_check_every == 0 or step + 1 == n:
                 bad = int(first_bad.item())  # a host sync every nan_check_every steps only
                 if bad >= 0:
                     raise NonFiniteLossError(f"non-finite loss at {where}step {bad + 1}")
-        return sums / max(1, len(batches))
+        return sums / max(1, n)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -124,12 +107,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else None
 
-    data = load_pretrain(trial.dataset, trial.seed)
+    batches = image_loader(trial.dataset, trial.dataset.pretrain_splits, tc.batch_per_worker, mode="pretrain",
+                           seed=trial.seed, rank=rank, world_size=world)
     torch.manual_seed(trial.seed)  # identical initialisation on every rank
     method = build_method(trial.method, build_backbone(tc.backbone, trial.dataset.channels)).to(device)
     if tc.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    batches = ShardedBatches(len(data), tc.batch_per_worker, rank, world, trial.seed)
     optimizer = build_optimizer(method, trial.method.optim, tc.batch_size)
     scheduler = build_scheduler(optimizer, trial.method.optim, len(batches), tc.epochs, tc.batch_size)
     start_epoch = restore(method, optimizer, scheduler, device)
@@ -146,14 +129,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          tc.nan_check_every)
 
     total_steps = max(1, len(batches) * tc.epochs)
-    images = data.images.pin_memory() if device.type == "cuda" else data.images
     for epoch in range(start_epoch, tc.epochs):
         augment_gen.manual_seed(epoch_seed(trial.seed, rank, epoch, 0))
         mixer = MixtureSampler(trial.mixture, seed=epoch_seed(trial.seed, rank, epoch, 1))
         start = time.perf_counter()
-        epoch_batches = batches.epoch(epoch)
+        batches.set_epoch(epoch)
         try:
-            mean_loss = trainer.epoch(images, epoch_batches, mixer, device, epoch * len(batches), total_steps,
+            mean_loss = trainer.epoch(batches, mixer, device, epoch * len(batches), total_steps,
                                       where=f"epoch {epoch + 1}, ")
         except NonFiniteLossError as e:
             message = f"{e} of {trial.run_name}"
@@ -165,10 +147,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {
             "loss": loss[0], "loss_clean": loss[1], "loss_mixed": loss[2],
             "lr": scheduler.get_last_lr()[0], "lr_scaled": scaled_lr(trial.method.optim, tc.batch_size),
-            "images_per_s": len(epoch_batches) * tc.batch_size / elapsed, "epoch": epoch + 1,
+            "images_per_s": len(batches) * tc.batch_size / elapsed, "epoch": epoch + 1,
         }
         if trial.eval.knn_every and (epoch + 1) % trial.eval.knn_every == 0 and rank == 0:
-            metrics["monitor_knn_top1"] = monitor_knn(method, trial, data, device)
+            metrics["monitor_knn_top1"] = monitor_knn(method, trial, device)
         ckpt = None
         if rank == 0 and ((epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs):
             ckpt = save_checkpoint(method, optimizer, scheduler, epoch + 1, config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from unmix_ray.config import TrialConfig
-from unmix_ray.data import ImageSet, load_split
+from unmix_ray.data import load_split
 from unmix_ray.evaluation import (
     extract_features,
     knn_predict,
@@ -23,9 +23,11 @@ def _encoder(method: torch.nn.Module):
     return encode
 
 
-def monitor_knn(method: torch.nn.Module, trial: TrialConfig, bank: ImageSet, device: torch.device) -> float:
-    """The per-epoch kNN monitor: the pretraining images as the bank, the test split as queries."""
+def monitor_knn(method: torch.nn.Module, trial: TrialConfig, device: torch.device) -> float:
+    """The per-epoch kNN monitor: the training split (subsetted like pretraining) as the bank, the test
+    split as queries."""
     ds, ev = trial.dataset, trial.eval
+    bank = load_split(ds, ds.train_split).subset(ds.train_subset, trial.seed)
     test = load_split(ds, ds.test_split).subset(ds.test_subset, trial.seed)
     was_training = method.training
     method.eval()
