@@ -83,3 +83,28 @@ def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, fashio
     assert "linear_top1" not in mixed.data.metrics
     assert list(table.rows["variant"]) == ["none"]  # a stopped trial is no result
     assert table.stopped == ["simclr-fashion_mnist-both-p0.5-s0"]
+
+
+@pytest.mark.slow
+def test_demo_sweep_runs_on_every_paper_dataset_fixture(ray_local, tmp_path):
+    """The five paper datasets, each as a tiny fixture in its exact original format, through one sweep."""
+    from unmix_ray.data.fixtures import write_fixture
+    from unmix_ray.sweep import run_sweep
+
+    names = ["cifar10", "cifar100", "stl10", "tiny_imagenet", "imagenet"]
+    sets = ["grid.mixture=[both]", "untrained_reference=false", "train.epochs=1", "train.batch_size=8",
+            "eval.linear_epochs=1", "eval.knn_k=5", "eval.knn_every=1", "tune.max_concurrent_trials=2",
+            f"grid.dataset=[{', '.join(names)}]", f"tune.storage_path={tmp_path / 'ray'}"]
+    for name in names:
+        classes = 4 if name in ("imagenet", "tiny_imagenet", "cifar100") else None
+        root = write_fixture(name, tmp_path / name, n_per_class=4, num_classes=classes)
+        sets.append(f"datasets.{name}.root={root}")
+        if classes:
+            sets.append(f"datasets.{name}.num_classes={classes}")
+    sets.append("datasets.imagenet.decode_workers=0")
+    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", sets)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    table = run_sweep(sweep, uri)
+    assert table.complete
+    assert sorted(table.rows["dataset"]) == sorted(names)
+    assert table.rows["knn_top1"].notna().all() and table.rows["linear_top1"].notna().all()
