@@ -79,7 +79,8 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue += (r - g).add_(chroma, alpha=4.0).mul_(is_b)
     hue.mul_(inv).add_(shift.view(-1, 1, 1), alpha=6.0)  # in [-4, 8] sixths
     hue -= (hue * (1.0 / 6.0)).floor_().mul_(6.0)  # in [0, 6)
-    offsets = torch.tensor([3.0, 1.0, -1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    # (3, 1, -1) built on the device: a host tensor copied over would synchronise the stream each call
+    offsets = torch.arange(3, device=x.device, dtype=x.dtype).mul_(-2.0).add_(3.0).view(1, 3, 1, 1)
     pos = hue.unsqueeze(1) + offsets  # in [-1, 9): the circular distance to 0 is min(|p|, |p - 6|)
     dist = (pos - 6.0).abs_().clamp_max_(pos.abs_())
     ramp = dist.neg_().add_(2.0).clamp_(0.0, 1.0)
@@ -213,7 +214,10 @@ class BatchAugment:
         out = (x * _per_sample(torch.where(keep, p["brightness"], one))).clamp_(0.0, 1.0)
         c = torch.where(keep, p["contrast"], one)
         channel_means = out.mean(dim=(2, 3))  # the mean grey level is the luma of the channel means
-        mean = channel_means @ torch.tensor(LUMA, device=x.device) if x.shape[1] == 3 else channel_means[:, 0]
+        if x.shape[1] == 3:  # scalar weights: no host-to-device copy on the hot path
+            mean = channel_means[:, 0] * LUMA[0] + channel_means[:, 1] * LUMA[1] + channel_means[:, 2] * LUMA[2]
+        else:
+            mean = channel_means[:, 0]
         out.mul_(_per_sample(c)).add_(_per_sample(mean * (1 - c))).clamp_(0.0, 1.0)
         if x.shape[1] == 3:
             s = _per_sample(torch.where(keep, p["saturation"], one))

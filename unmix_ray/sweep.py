@@ -52,8 +52,7 @@ class SweepContext:
         S3-compatible endpoint can be used; credentials come from the environment or instance role."""
         if not self.storage_path.startswith("s3://"):
             return self.storage_path, None
-        endpoint = (self.storage_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                    or os.environ.get("AWS_ENDPOINT_URL"))
+        endpoint = self.storage_endpoint_url
         if not endpoint:
             return self.storage_path, None
         fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme=urlsplit(endpoint).scheme or "https",
@@ -69,9 +68,10 @@ def default_storage_path() -> str:
     return str(Path("~/ray_results/unmix").expanduser())
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run."""
-    trial_dict = config["trials"][config["run"]]
+def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None:
+    """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run.
+    ``trials`` (every trial's config, by name) is put in Ray's object store once, not in each config."""
+    trial_dict = trials[config["run"]]
     trial = TrialConfig.from_dict(trial_dict)
     ctx = SweepContext(**config["context"])
     client = MlflowClient(ctx.tracking_uri)
@@ -116,7 +116,9 @@ class MlflowTrialStatus(tune.Callback):
                                   **{tracking.TAG_SWEEP_ID: self.sweep_id, tracking.TAG_TRIAL: trial.config["run"]})
         for run in runs:
             if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, status=status)
+                # Stopped at its last report, after its final evaluation: it finished, nothing was cut.
+                done = status == "KILLED" and "linear_top1" in run.data.metrics
+                client.set_terminated(run.info.run_id, status="FINISHED" if done else status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED")
@@ -150,13 +152,19 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
     resuming = sweep_id is not None
     sweep_id = sweep_id or new_sweep_id(sweep.name)
     parent = tracking.start_sweep_run(client, exp_id, sweep.name, sweep_id, len(sweep.trials))
-    ctx = SweepContext(sweep_id, exp_id, parent, uri, settings.storage_path or default_storage_path(),
-                       settings.storage_endpoint_url)
+    endpoint = settings.storage_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL")  # resolved once here, so the driver and every trial use the same store
+    ctx = SweepContext(sweep_id, exp_id, parent, uri, settings.storage_path or default_storage_path(), endpoint)
     storage_path, storage_fs = ctx.storage()
-    trainable = tune.with_resources(run_trial, driver_slot(settings))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, trials={t.run_name: t.to_dict() for t in sweep.trials}),
+        driver_slot(settings))
+    if settings.asha is not None:
+        # Untrained references and epochs between kNN monitors report no monitor metric: let those
+        # results through (set before a fresh start and before a restore, which brings ASHA back).
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Tune's grid and progress table show only the trial's name; its full config is looked up by it.
-    param_space = {"run": tune.grid_search([t.run_name for t in sweep.trials]), "context": ctx.__dict__,
-                   "trials": {t.run_name: t.to_dict() for t in sweep.trials}}
+    param_space = {"run": tune.grid_search([t.run_name for t in sweep.trials]), "context": ctx.__dict__}
     max_concurrent = settings.max_concurrent_trials or sweep_max_concurrent(
         runtime_cluster(ray.cluster_resources()).nodes, sweep)
     experiment_path = f"{storage_path.rstrip('/')}/{sweep_id}"
@@ -189,8 +197,6 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
 def scheduler(settings: TuneSettings) -> ASHAScheduler | None:
     if settings.asha is None:
         return None
-    # Untrained references and final evaluations report no monitor metric: let those results through.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     a = settings.asha
     max_t = 10**6  # the epochs each trial runs come from its own config; ASHA only cuts
     return ASHAScheduler(time_attr="epoch", metric=a.metric, mode=a.mode, grace_period=a.grace_period,

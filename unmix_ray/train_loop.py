@@ -91,6 +91,8 @@ class Pretrainer:
             sums += parts
             first_bad = torch.where((first_bad < 0) & ~parts.isfinite().all(), step, first_bad)
             if (step + 1) % self.nan_check_every == 0 or step + 1 == n:
+                if dist.is_available() and dist.is_initialized():  # every rank stops together, none hangs
+                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
                 bad = int(first_bad.item())  # a host sync every nan_check_every steps only
                 if bad >= 0:
                     raise NonFiniteLossError(f"non-finite loss at {where}step {bad + 1}")
@@ -149,24 +151,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0], "lr_scaled": scaled_lr(trial.method.optim, tc.batch_size),
             "images_per_s": len(batches) * tc.batch_size / elapsed, "epoch": epoch + 1,
         }
+        last = epoch + 1 == tc.epochs
         if trial.eval.knn_every and (epoch + 1) % trial.eval.knn_every == 0 and rank == 0:
             metrics["monitor_knn_top1"] = monitor_knn(method, trial, device)
+        if last and rank == 0:
+            # The final evaluation rides on the last epoch's report, so a scheduler deciding on that
+            # report (ASHA at a rung) never cuts a finished training off before its numbers exist.
+            metrics |= final_evaluation(method, trial, device, logger)
         ckpt = None
         if rank == 0 and ((epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs):
             ckpt = save_checkpoint(method, optimizer, scheduler, epoch + 1, config)
         if logger:
             logger.log(metrics, step=epoch + 1)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch={epoch + 1:04d}" if ckpt else None)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch={epoch + 1:04d}" if ckpt else None,
+                         delete_local_checkpoint_after_upload=True)
 
-    final: dict[str, Any] = {"epoch": tc.epochs}
-    ckpt = None
-    if rank == 0:
-        final |= final_evaluation(method, trial, device, logger)
-        if logger and not logger.flush(wait_s=600):
-            raise RuntimeError(f"MLflow unreachable for 10 minutes; {len(logger.pending)} metrics not logged")
-        if tc.epochs == 0:  # the untrained reference: keep its initial weights for re-evaluation
-            ckpt = save_checkpoint(method, optimizer, scheduler, 0, config)
-    ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="epoch=0000" if ckpt else None)
+    if start_epoch >= tc.epochs:  # nothing to train: the untrained reference, or restored after the end
+        final: dict[str, Any] = {"epoch": tc.epochs}
+        ckpt = None
+        if rank == 0:
+            final |= final_evaluation(method, trial, device, logger)
+            if tc.epochs == 0:  # keep the initial weights, for re-evaluation
+                ckpt = save_checkpoint(method, optimizer, scheduler, 0, config)
+        ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="epoch=0000" if ckpt else None,
+                         delete_local_checkpoint_after_upload=True)
+    if logger and not logger.flush(wait_s=600):
+        raise RuntimeError(f"MLflow unreachable for 10 minutes; {len(logger.pending)} metrics not logged")
 
 
 def save_checkpoint(method: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
