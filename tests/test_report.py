@@ -15,6 +15,7 @@ from unmix_ray.report import (
     PAPER_RESULTS,
     TABLE_METRICS,
     build_results,
+    latest_sweep_id,
     load_paper_results,
     log_results,
     paper_number,
@@ -187,3 +188,37 @@ def test_log_results_and_a_whole_experiment(store, table):
     assert md == to_markdown(table.rows)
     text = open(client.download_artifacts(other.parent_run_id, "results/results_table.json")).read()
     assert "NaN" not in text  # valid JSON for the UI
+
+
+def load_job(name: str):
+    """A job script (jobs/<name>.py) as a module, as `python jobs/<name>.py` would run it."""
+    import importlib.util
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_job_prints_saves_and_logs(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    report = load_job("report")
+    assert report.main(["--experiment", store.experiment, "--sweep", store.sweep_id, "--out", str(tmp_path),
+                        "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert f"Results of sweep {store.sweep_id}" in out and "| mixup |" in out and "paired n=3" in out
+    assert (tmp_path / f"{store.sweep_id}.md").read_text().startswith("### kNN top-1")
+    assert latest_sweep_id(store.uri, store.experiment, "demo").startswith("handmade-")  # by sweep name
+    assert latest_sweep_id(store.uri, store.experiment, "nope") is None
+    client = MlflowClient(store.uri)
+    assert "results/results_table.csv" in {a.path for a in client.list_artifacts(store.parent_run_id, "results")}
+    assert report.main(["--experiment", store.experiment, "--all", "--out", str(tmp_path), "--no-plots"]) == 0
+    assert (tmp_path / "all.csv").is_file()
+    exp = client.get_experiment_by_name(store.experiment)
+    results = client.search_runs([exp.experiment_id], "tags.`unmix.role` = 'results'")
+    assert len(results) == 1 and results[0].info.run_name == f"results-{store.experiment}"
+    assert report.main(["--experiment", "no-such-experiment", "--out", str(tmp_path)]) == 2

@@ -115,16 +115,19 @@ def seed_delta(variant: dict[str, float], baseline: dict[str, float], confidence
 # ----------------------------------------------------------------------------------------- MLflow runs
 
 def latest_sweep_id(uri: str, experiment: str, name: str | None = None) -> str | None:
-    """The newest sweep id in ``experiment``; ``name`` may be a sweep name or a sweep id."""
-    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    """The newest sweep id in ``experiment``; ``name`` may be a sweep name or a sweep id. (MLflow's
+    search has no ``or``: the two are searched one after the other.)"""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
     query = f"tags.`{TAG_ROLE}` = 'sweep'"
-    if name:
-        query += f" and (tags.`{TAG_SWEEP}` = '{name}' or tags.`{TAG_SWEEP_ID}` = '{name}')"
-    runs = MlflowClient(uri).search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"],
-                                         max_results=1)
-    return runs[0].data.tags[TAG_SWEEP_ID] if runs else None
+    for extra in ([f" and tags.`{TAG_SWEEP_ID}` = '{name}'", f" and tags.`{TAG_SWEEP}` = '{name}'"] if name else [""]):
+        runs = client.search_runs([exp.experiment_id], query + extra, order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+        if runs:
+            return runs[0].data.tags[TAG_SWEEP_ID]
+    return None
 
 
 def trial_runs(uri: str, experiment: str, sweep_id: str | None) -> pd.DataFrame:
@@ -346,3 +349,26 @@ def log_results(client: MlflowClient, run_id: str, table: ResultsTable) -> None:
     table.rows.to_csv(buf, index=False)
     client.log_text(run_id, buf.getvalue(), "results/results_table.csv")
     client.log_text(run_id, table.markdown(), "results/results_table.md")
+
+
+def save_results(table: ResultsTable, out_dir: str | Path, name: str | None = None) -> tuple[Path, Path]:
+    """The table as ``<name>.md`` and ``<name>.csv`` under ``out_dir`` (name: the sweep id or "all")."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = name or table.sweep_id or "all"
+    md, csv = out / f"{stem}.md", out / f"{stem}.csv"
+    md.write_text(table.markdown() + "\n")
+    table.rows.to_csv(csv, index=False)
+    return md, csv
+
+
+def results_run(client: MlflowClient, experiment_id: str, experiment: str) -> str:
+    """The run that holds the table of a whole experiment (tag ``unmix.role=results``): found again,
+    or created, so that re-running the report updates one place."""
+    found = client.search_runs([experiment_id], f"tags.`{TAG_ROLE}` = 'results'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"results-{experiment}", tags={TAG_ROLE: "results"})
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id
