@@ -8,9 +8,13 @@ the protocol tags that describe them; ``final_evaluation`` (end of every trial) 
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -146,3 +150,45 @@ def final_evaluation(method: torch.nn.Module, trial: TrialConfig, device: torch.
             PROTOCOL_TAG + "monitor_knn": knn_protocol(ev, bank=bank, encoder_at="each epoch"),
         })
     return result.metrics
+
+
+def read_checkpoint(location: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """The ``state.pt`` of a Ray Train checkpoint written by the training loop: ``location`` is the
+    checkpoint folder or the file itself, local or ``s3://bucket/key`` (an S3-compatible endpoint from
+    ``endpoint_url``, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; credentials from the
+    environment). Tensors are loaded onto the CPU."""
+    from unmix_ray.train_loop import CHECKPOINT_FILE
+
+    name = location if location.endswith(".pt") else f"{location.rstrip('/')}/{CHECKPOINT_FILE}"
+    if "://" not in name:
+        return torch.load(name, map_location="cpu", weights_only=False)
+    import pyarrow.fs
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if name.startswith("s3://") and endpoint:
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme=urlsplit(endpoint).scheme or "https",
+                                     region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        path = name.removeprefix("s3://")
+    else:
+        fs, path = pyarrow.fs.FileSystem.from_uri(name)
+    with fs.open_input_stream(path) as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+
+
+def method_from_checkpoint(state: dict[str, Any], trial: TrialConfig, device: torch.device) -> torch.nn.Module:
+    """The pretrained method (backbone and heads) of a checkpoint, on ``device``."""
+    from unmix_ray.methods import build_method
+    from unmix_ray.models import build_backbone
+
+    method = build_method(trial.method, build_backbone(trial.train.backbone, trial.dataset.channels))
+    method.load_state_dict(state["model"])
+    return method.to(device)
+
+
+def checkpoint_epoch_text(state: dict[str, Any], trial: TrialConfig) -> str:
+    """What the protocol strings say about the encoder: the same words as the trial's own evaluation
+    when the checkpoint is the last epoch, so re-evaluated numbers group with the trial's."""
+    epoch = int(state.get("epoch", trial.train.epochs))
+    if epoch >= trial.train.epochs:
+        return "last pretraining epoch"
+    return f"checkpoint of pretraining epoch {epoch} of {trial.train.epochs}"
