@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -188,6 +189,15 @@ def test_log_results_and_a_whole_experiment(store, table):
     assert md == to_markdown(table.rows)
     text = open(client.download_artifacts(other.parent_run_id, "results/results_table.json")).read()
     assert "NaN" not in text  # valid JSON for the UI
+    shown = json.loads(text)  # what the UI shows: readable cells, each metric with its protocol column
+    columns = shown["columns"]
+    mixup = dict(zip(columns, next(r for r in shown["data"] if r[columns.index("variant")] == "mixup")))
+    assert mixup["kNN top-1"] == "84.00 ± 3.00" and mixup["trials"] == "3"
+    assert mixup["Δ kNN top-1 vs none [95% CI]"] == "+2.00 [-0.48, +4.48] paired n=3"
+    assert mixup["kNN top-1: protocol"].startswith("weighted kNN k=20")
+    assert mixup["linear (fast) top-1: protocol"].startswith("linear (fast)")
+    summary = pd.read_csv(client.download_artifacts(other.parent_run_id, "results/results_summary.csv"))
+    assert list(summary.columns) == columns
 
 
 def load_job(name: str):

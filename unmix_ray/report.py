@@ -342,12 +342,45 @@ def json_safe(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.astype(object).where(rows.notna(), None)
 
 
+def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The table as readable text cells (one column per number kind, and the protocol of each metric
+    in its own column): what the MLflow UI shows, where a wide numeric table does not fit."""
+    out = []
+    for r in rows.to_dict("records"):
+        cells: dict[str, str] = {k: r[k] for k in KEYS}
+        notes: dict[str, str] = {}  # the protocols, after all the numbers
+        cells["trials"] = _trials_cell(r, r["n"])
+        for m in [m for m in TABLE_METRICS if m in rows.columns]:
+            label = METRIC_SPECS[m].label
+            mean = _num(r[m])
+            cells[label] = f"{mean} ± {_num(r[f'{m}_std'])}" if mean and r[f"{m}_n"] > 1 else mean
+            delta = ""
+            if r[f"delta_{m}_test"]:
+                delta = _num(r[f"delta_{m}"], True)
+                if not math.isnan(r[f"delta_{m}_ci_low"]):
+                    delta += f" [{_num(r[f'delta_{m}_ci_low'], True)}, {_num(r[f'delta_{m}_ci_high'], True)}]"
+                delta += f" {r[f'delta_{m}_test']}"
+            cells[f"Δ {label} vs none [95% CI]"] = delta
+            cells[f"{label}: untrained"] = _num(r[f"untrained_{m}"])
+            cells[f"{label}: paper"] = _num(r[f"paper_{m}"])
+            notes[f"{label}: protocol"] = metric_protocol(m, r.get(protocol_column(m)))
+            notes[f"{label}: paper's protocol"] = r[f"paper_{m}_protocol"]
+        out.append(cells | notes)
+    table = pd.DataFrame(out)
+    empty = [c for c in table.columns if (table[c].astype(str) == "").all()]
+    return table.drop(columns=empty)
+
+
 def log_results(client: MlflowClient, run_id: str, table: ResultsTable) -> None:
-    """The table on a run (the sweep's, or a results run): an MLflow table (shown in the UI), CSV, Markdown."""
-    client.log_table(run_id, data=json_safe(table.rows), artifact_file="results/results_table.json")
-    buf = io.StringIO()
-    table.rows.to_csv(buf, index=False)
-    client.log_text(run_id, buf.getvalue(), "results/results_table.csv")
+    """The table on a run (the sweep's, or a results run): the readable summary as an MLflow table
+    (``results_table.json``, shown by the UI) and as ``results_summary.csv``; every number as
+    ``results_table.csv``; the Markdown as ``results_table.md``."""
+    summary = summary_table(table.rows) if not table.rows.empty else table.rows
+    client.log_table(run_id, data=json_safe(summary), artifact_file="results/results_table.json")
+    for name, frame in (("results_table.csv", table.rows), ("results_summary.csv", summary)):
+        buf = io.StringIO()
+        frame.to_csv(buf, index=False)
+        client.log_text(run_id, buf.getvalue(), f"results/{name}")
     client.log_text(run_id, table.markdown(), "results/results_table.md")
 
 
