@@ -347,7 +347,7 @@ def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
     in its own column): what the MLflow UI shows, where a wide numeric table does not fit."""
     out = []
     for r in rows.to_dict("records"):
-        cells: dict[str, str] = {k: r[k] for k in KEYS}
+        cells = {"dataset / method / backbone": " / ".join(r[k] for k in GROUP), "variant": r["variant"]}
         notes: dict[str, str] = {}  # the protocols, after all the numbers
         cells["trials"] = _trials_cell(r, r["n"])
         for m in [m for m in TABLE_METRICS if m in rows.columns]:
