@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from unmix_ray.config import EvalConfig
-from unmix_ray.evaluation import knn_predict, linear_probe, topk_accuracy
+from unmix_ray.evaluation import (
+    eval_view,
+    knn_predict,
+    linear_paper,
+    linear_probe,
+    metric_protocol,
+    paper_protocol,
+    paper_recipe,
+    topk_accuracy,
+)
 
 
 def test_weighted_knn_on_a_toy_set_with_a_known_answer():
@@ -46,3 +55,75 @@ def test_linear_probe_is_at_chance_on_noise():
     x, y = torch.randn(600, 8, generator=g), torch.randint(0, 4, (600,), generator=g)
     res = linear_probe(x[:400], y[:400], x[400:], y[400:], 4, EvalConfig(linear_epochs=10), seed=0)
     assert res.top1 < 40.0
+
+
+def test_knn_top5_on_a_toy_set_with_a_known_answer():
+    angles = torch.deg2rad(torch.tensor([0.0, 10.0, 20.0, 30.0, 40.0, 50.0]))
+    train = torch.stack([angles.cos(), angles.sin()], dim=1)  # class c at 10c degrees
+    labels = torch.arange(6)
+    queries = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # at 0 degrees: classes rank 0, 1, ..., 5
+    scores = knn_predict(train, labels, queries, num_classes=6, k=6, t=0.1)
+    assert scores[0].argsort(descending=True).tolist() == [0, 1, 2, 3, 4, 5]
+    truth = torch.tensor([4, 5, 0])  # 5th, 6th and 1st by score
+    assert topk_accuracy(scores, truth, 1) == pytest.approx(100 / 3)
+    assert topk_accuracy(scores, truth, 5) == pytest.approx(200 / 3)
+
+
+class LevelEncoder(torch.nn.Module):
+    """A fixed encoder for images whose class is their brightness level: a BatchNorm with set running
+    statistics (eval mode must use them), then ReLU(x - threshold) per threshold, average-pooled."""
+
+    def __init__(self, thresholds: list[float]):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(1)
+        self.bn.running_mean.fill_(0.25)
+        self.bn.running_var.fill_(4.0)
+        self.register_buffer("thresholds", torch.tensor(thresholds).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(x) - self.thresholds).mean(dim=(2, 3))
+
+
+def level_images(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    levels = torch.tensor([30.0, 100.0, 170.0, 240.0])
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = levels[y].view(-1, 1, 1, 1) + 12 * torch.randn(n, 1, 8, 8, generator=g)
+    return x.clamp(0, 255).round().to(torch.uint8), y
+
+
+def test_paper_protocol_learns_tiny_images_with_a_frozen_encoder():
+    g = torch.Generator().manual_seed(0)
+    (xtr, ytr), (xte, yte) = level_images(400, g), level_images(200, g)
+    mean, std = (0.5,), (0.25,)
+    normalised = [(v / 255 - 0.5) / 0.25 for v in (65.0, 135.0, 205.0)]  # between the levels
+    encoder = LevelEncoder([-3.0, *[(v - 0.25) / 2.0 for v in normalised]])
+    encoder.train()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    recipe = paper_recipe(EvalConfig(paper_epochs=6), "fashion_mnist")
+    assert (recipe.name, recipe.lr, recipe.batch_size, recipe.schedule) == ("cifar", 0.3, 32, "cosine")
+    res = linear_paper(encoder, 4, xtr, ytr, xte, yte, 4, mean, std, 8, recipe, torch.device("cpu"), seed=0,
+                       chunk=100)
+    assert len(res.history) == 6 and 1 <= res.best_epoch <= 6
+    assert res.top1_last >= 95.0 and res.top5_last == 100.0
+    assert res.top1_best >= res.top1_last and res.top1_best == max(h[0] for h in res.history)
+    assert not encoder.training  # BN in eval mode: running statistics untouched
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert set(res.metrics()) == {"linear_paper_top1_last", "linear_paper_top5_last", "linear_paper_top1_best",
+                                  "linear_paper_top5_best", "linear_paper_best_epoch"}
+
+
+def test_paper_recipes_and_their_protocol_strings():
+    imagenet = paper_recipe(EvalConfig(), "imagenet")
+    assert (imagenet.lr, imagenet.batch_size, imagenet.epochs, imagenet.schedule) == (30.0, 256, 100, "step")
+    assert imagenet.test_resize_px(224) == 256
+    text = paper_protocol(imagenet)
+    assert "lr 30" in text and "x0.1 at epochs 60, 80" in text and "batch 256" in text
+    short = paper_recipe(EvalConfig(paper_epochs=10, paper_lr=0.1, paper_recipe="imagenet"), "cifar10")
+    assert (short.epochs, short.lr, short.batch_size) == (10, 0.1, 256)
+    assert "x0.1 at epochs 6, 8" in paper_protocol(short)
+    cifar = paper_protocol(paper_recipe(EvalConfig(), "cifar10"))
+    assert "lr 0.3" in cifar and "cosine" in cifar and "batch 32" in cifar and "best epoch" in cifar
+    assert eval_view(torch.zeros(2, 3, 16, 20, dtype=torch.uint8), (0.5,) * 3, (0.2,) * 3, 8, resize=9).shape == (
+        2, 3, 8, 8)
+    assert metric_protocol("linear_paper_top1_best", "P").startswith("P; reported: the best epoch")
+    assert metric_protocol("knn_top1", "K") == "K"

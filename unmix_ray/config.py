@@ -206,15 +206,35 @@ class TrainConfig:
         return self.batch_size // self.num_workers
 
 
+LinearProtocol = Literal["fast", "paper"]
+
+
 @dataclass(frozen=True)
 class EvalConfig:
+    """Evaluation of the frozen encoder: the weighted kNN monitor and final kNN, and the linear
+    protocols the final evaluation runs (``linear_protocols``):
+
+    - ``fast``: a linear layer on features extracted once (no augmentation), Adam with ``linear_*``;
+    - ``paper``: the paper's per-dataset protocol with augmentation (``paper_*``; null takes the
+      recipe's value: ``cifar`` = SGD lr 0.3, cosine, 100 epochs, batch 32; ``imagenet`` = SGD lr 30,
+      x0.1 at 60% and 80% of 100 epochs, batch 256, resize 256 / centre 224 for test).
+    """
+
     knn_k: int = 200
     knn_t: float = 0.1
     knn_every: int = 1  # epochs between kNN monitor evaluations (0: only at the end)
+    linear_protocols: tuple[LinearProtocol, ...] = ("fast",)
     linear_epochs: int = 100
     linear_lr: float = 1e-2
     linear_batch_size: int = 512
     linear_weight_decay: float = 0.0
+    paper_recipe: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: imagenet for ImageNet, else cifar
+    paper_epochs: int | None = None
+    paper_lr: float | None = None
+    paper_batch_size: int | None = None
+    paper_weight_decay: float | None = None
+    paper_crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's default scale
+    feature_batch_size: int = 1024  # images per forward pass when extracting or augmenting features
 
     def problems(self) -> list[str]:
         out = []
@@ -222,6 +242,23 @@ class EvalConfig:
             out.append(f"knn_k: must be >= 1, got {self.knn_k}")
         if self.knn_t <= 0:
             out.append(f"knn_t: must be > 0, got {self.knn_t}")
+        if len(set(self.linear_protocols)) != len(self.linear_protocols):
+            out.append(f"linear_protocols: duplicate protocol in {list(self.linear_protocols)}")
+        for name in ("linear_epochs", "linear_batch_size", "paper_epochs", "paper_batch_size", "feature_batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                out.append(f"{name}: must be >= 1, got {v}")
+        for name in ("linear_lr", "paper_lr"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                out.append(f"{name}: must be > 0, got {v}")
+        for name in ("linear_weight_decay", "paper_weight_decay"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                out.append(f"{name}: must be >= 0, got {v}")
+        lo, hi = self.paper_crop_scale
+        if not 0 < lo <= hi <= 1:
+            out.append(f"paper_crop_scale: need 0 < lo <= hi <= 1, got {self.paper_crop_scale}")
         return out
 
 

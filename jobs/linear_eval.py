@@ -1,0 +1,92 @@
+"""Evaluate a finished run again from its checkpoint, under a chosen linear protocol (and kNN).
+
+    python jobs/linear_eval.py --run-id RUN_ID                      # fast protocol, logged on the run
+    python jobs/linear_eval.py --run-id RUN_ID --protocol paper     # the paper's augmented protocol
+    python jobs/linear_eval.py --run-id RUN_ID --protocol paper --set eval.paper_epochs=30 --knn
+    python jobs/linear_eval.py --checkpoint PATH_OR_S3_URI --no-log # any checkpoint, printed only
+
+The checkpoint is the run's ``unmix.checkpoint`` tag (set by the sweep when a trial finishes), or
+--checkpoint. Its ``state.pt`` holds the trial's config; --set changes it (``eval.*`` for the protocol,
+``dataset.root`` where the data lives on this machine). Metrics and their ``unmix.protocol.*`` tags go
+to the run (--run-id, else the run id stored in the checkpoint) at step = the checkpoint's epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import _path  # noqa: F401
+import torch
+from mlflow.tracking import MlflowClient
+
+from unmix_ray import tracking
+from unmix_ray.config import TrialConfig, apply_overrides
+from unmix_ray.redact import redact
+from unmix_ray.schema import ConfigError
+from unmix_ray.trial_eval import checkpoint_epoch_text, evaluate, method_from_checkpoint, read_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-id", help="the trial's MLflow run (its checkpoint tag is read, results logged there)")
+    parser.add_argument("--checkpoint", help="checkpoint folder or state.pt, local or s3://... (default: the tag)")
+    parser.add_argument("--protocol", choices=["fast", "paper"], default="fast", help="linear protocol (default fast)")
+    parser.add_argument("--knn", action="store_true", help="also the weighted kNN (eval.knn_k, eval.knn_t)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the trial's config (dotted path, YAML value), e.g. eval.paper_epochs=30")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--storage-endpoint-url", help="S3-compatible endpoint for s3:// checkpoints")
+    parser.add_argument("--no-log", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    if not args.run_id and not args.checkpoint:
+        parser.error("give --run-id (a run tagged unmix.checkpoint) or --checkpoint")
+
+    uri = tracking.tracking_uri()
+    client = MlflowClient(uri)
+    location = args.checkpoint
+    if location is None:
+        run = client.get_run(args.run_id)
+        location = run.data.tags.get(tracking.TAG_CHECKPOINT)
+        if not location:
+            print(f"error: run {args.run_id} has no {tracking.TAG_CHECKPOINT} tag (it did not finish, or predates "
+                  "the tag); pass --checkpoint <Ray checkpoint folder or state.pt>", file=sys.stderr)
+            return 2
+    state = read_checkpoint(location, args.storage_endpoint_url)
+    try:
+        trial = TrialConfig.from_dict(apply_overrides(state["trial"], args.set))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    torch.manual_seed(trial.seed)
+    method = method_from_checkpoint(state, trial, device)
+    protocols = (("knn",) if args.knn else ()) + (args.protocol,)
+    result = evaluate(method, trial, device, protocols, encoder_at=checkpoint_epoch_text(state, trial))
+
+    print(f"{trial.run_name}, checkpoint {redact(location)} (epoch {state.get('epoch')}):")
+    for tag, text in result.tags.items():
+        print(f"  {tag}: {text}")
+    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}))
+    if args.no_log:
+        return 0
+    run_id = args.run_id or state.get("run_id")
+    if not run_id:
+        print("error: no run to log to (the checkpoint has no run id): pass --run-id or --no-log", file=sys.stderr)
+        return 2
+    if args.run_id and state.get("run_id") and state["run_id"] != args.run_id:
+        print(f"warning: the checkpoint was written by run {state['run_id']}, logging to {args.run_id}",
+              file=sys.stderr)
+    logger = tracking.RunLogger(uri, run_id)
+    logger.log(result.metrics, step=int(state.get("epoch", trial.train.epochs)))
+    logger.set_tags(result.tags)
+    if not logger.flush(wait_s=60):
+        print(f"error: could not log to MLflow at {redact(uri)}", file=sys.stderr)
+        return 1
+    print(f"Logged to run {run_id} at {redact(uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
