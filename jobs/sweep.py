@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Open the UI with:  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
     else:
         print(f"Open the UI at:    {redact(uri)}")
-    return 0 if table.complete else 1
+    return 1 if table.failed else 0
 
 
 if __name__ == "__main__":

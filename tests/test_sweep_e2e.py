@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -81,8 +82,14 @@ def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, fashio
     assert mixed.info.status == "KILLED"
     assert len(client.get_metric_history(mixed.info.run_id, "loss")) < 4  # stopped before its last epoch
     assert "linear_top1" not in mixed.data.metrics
-    assert list(table.rows["variant"]) == ["none"]  # a stopped trial is no result
-    assert table.stopped == ["simclr-fashion_mnist-both-p0.5-s0"]
+    rows = table.rows.set_index("variant")
+    assert rows.loc["none", "n"] == 1 and rows.loc["none", "stopped"] == 0
+    assert rows.loc["both@0.5", "n"] == 0 and rows.loc["both@0.5", "stopped"] == 1  # shown as stopped
+    assert pd.isna(rows.loc["both@0.5", "knn_top1"])  # and not as a result
+    assert "stopped" in table.markdown()
+    assert not table.complete and table.failed == 0
+    sweep_run = client.search_runs([exp.experiment_id], "tags.`unmix.role` = 'sweep'")[0]
+    assert sweep_run.info.status == "FINISHED"  # an early stop is an outcome, not a failure
 
 
 @pytest.mark.slow

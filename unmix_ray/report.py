@@ -50,6 +50,7 @@ class ResultsTable:
     sweep_id: str | None  # None: every trial of the experiment
     rows: pd.DataFrame
     complete: bool  # every trial finished with its metrics
+    failed: int = 0  # trials that FAILED (not counting those a scheduler stopped early, KILLED)
 
     def markdown(self) -> str:
         return to_markdown(self.rows)
@@ -260,7 +261,8 @@ def build_results(uri: str, experiment: str, sweep_id: str | None,
     order += sorted({protocol_column(m) for m in metrics}) + [f"paper_{m}_protocol" for m in metrics]
     has_results = df["knn_top1"].notna() & df[[m for m in TABLE_METRICS if m.startswith("linear")]].notna().any(axis=1)
     complete = bool(((df["status"] == "FINISHED") & has_results).all())
-    return ResultsTable(sweep_id, table[order].reset_index(drop=True), complete=complete)
+    return ResultsTable(sweep_id, table[order].reset_index(drop=True), complete=complete,
+                        failed=int((df["status"] == "FAILED").sum()))
 
 
 # ----------------------------------------------------------------------------------------- rendering

@@ -28,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 from unmix_ray import tracking
 from unmix_ray.config import Sweep, TrialConfig, TuneSettings
 from unmix_ray.plan import driver_resources, runtime_cluster, sweep_max_concurrent
+from unmix_ray.plots import log_sweep_plots
 from unmix_ray.report import ResultsTable, build_results, log_results
 from unmix_ray.train_loop import train_loop_per_worker
 
@@ -190,7 +191,9 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
     tuner.fit()
     table = build_results(uri, sweep.config.experiment, sweep_id)
     log_results(client, parent, table)
-    client.set_terminated(parent, status="FINISHED" if table.complete else "FAILED")
+    log_sweep_plots(client, parent, uri, sweep.config.experiment, sweep_id, table)
+    # Trials a scheduler stopped early (KILLED) are an expected outcome; a FAILED one fails the sweep.
+    client.set_terminated(parent, status="FAILED" if table.failed else "FINISHED")
     return table
 
 

@@ -152,9 +152,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "images_per_s": len(batches) * tc.batch_size / elapsed, "epoch": epoch + 1,
         }
         last = epoch + 1 == tc.epochs
-        if trial.eval.knn_every and (epoch + 1) % trial.eval.knn_every == 0 and rank == 0:
-            metrics["monitor_knn_top1"] = monitor_knn(method, trial, device)
-        if last and rank == 0:
+        if trial.eval.knn_every and (epoch + 1) % trial.eval.knn_every == 0:
+            knn = monitor_knn(method, trial, device)  # every rank extracts a shard; rank 0 scores
+            if knn is not None:
+                metrics["monitor_knn_top1"] = knn
+        if last:
             # The final evaluation rides on the last epoch's report, so a scheduler deciding on that
             # report (ASHA at a rung) never cuts a finished training off before its numbers exist.
             metrics |= final_evaluation(method, trial, device, logger)
@@ -167,10 +169,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          delete_local_checkpoint_after_upload=True)
 
     if start_epoch >= tc.epochs:  # nothing to train: the untrained reference, or restored after the end
-        final: dict[str, Any] = {"epoch": tc.epochs}
+        final: dict[str, Any] = {"epoch": tc.epochs} | final_evaluation(method, trial, device, logger)
         ckpt = None
         if rank == 0:
-            final |= final_evaluation(method, trial, device, logger)
             if tc.epochs == 0:  # keep the initial weights, for re-evaluation
                 ckpt = save_checkpoint(method, optimizer, scheduler, 0, config)
         ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="epoch=0000" if ckpt else None,

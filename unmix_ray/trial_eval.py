@@ -17,12 +17,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
+import torch.distributed as dist
 
 from unmix_ray.config import DatasetConfig, EvalConfig, TrialConfig
-from unmix_ray.data import ImageSet, load_split
+from unmix_ray.data import STREAMED, image_loader, load_split
 from unmix_ray.evaluation import (
     PROTOCOL_TAG,
-    extract_features,
+    eval_view,
     knn_predict,
     knn_protocol,
     linear_paper,
@@ -37,12 +38,6 @@ from unmix_ray.tracking import RunLogger
 PROTOCOLS = ("knn", "fast", "paper")
 
 
-def _encoder(method: torch.nn.Module):
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return method.features(x)
-    return encode
-
-
 class _Features(torch.nn.Module):
     """A method's ``features`` as a module, so the paper protocol can freeze it."""
 
@@ -54,18 +49,50 @@ class _Features(torch.nn.Module):
         return self.method.features(x)
 
 
-def monitor_knn(method: torch.nn.Module, trial: TrialConfig, device: torch.device) -> float:
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def split_features(method: torch.nn.Module, ds: DatasetConfig, split: str, subset: int | None, seed: int,
+                   device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen backbone features and labels of ``split`` (a seeded ``subset``), in dataset order, on the CPU.
+
+    Every rank of a training run extracts its own shard (streamed datasets such as ImageNet through
+    their DataLoader workers) and the shards are gathered on every rank, so the work is spread over
+    the workers and all ranks must call this together."""
+    rank, world = _rank_world()
+    loader = image_loader(ds, split, batch_size, mode="eval", seed=seed, rank=rank, world_size=world,
+                          subset=subset)
+    feats, labels = [], []
+    for images, y in loader:
+        feats.append(method.features(eval_view(images.to(device, non_blocking=True), ds.mean, ds.std,
+                                               ds.crop_size)).float())
+        labels.append(y.to(device))
+    f, y = torch.cat(feats), torch.cat(labels)
+    if world > 1:  # shards are round-robin and padded by wrapping: interleave them, drop the padding
+        n = loader.sampler.n
+        fs, ys = [torch.empty_like(f) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
+        dist.all_gather(fs, f.contiguous())
+        dist.all_gather(ys, y.contiguous())
+        f, y = torch.stack(fs, 1).flatten(0, 1)[:n], torch.stack(ys, 1).flatten(0, 1)[:n]
+    return f.cpu(), y.cpu()
+
+
+def monitor_knn(method: torch.nn.Module, trial: TrialConfig, device: torch.device) -> float | None:
     """The per-epoch kNN monitor: the training split (subsetted like pretraining) as the bank, the test
-    split as queries."""
+    split as queries. Every rank extracts its shard; the score is returned on rank 0 (None elsewhere)."""
     ds, ev = trial.dataset, trial.eval
-    bank = load_split(ds, ds.train_split).subset(ds.train_subset, trial.seed)
-    test = load_split(ds, ds.test_split).subset(ds.test_subset, trial.seed)
-    was_training = method.training
-    method.eval()
-    fb = extract_features(_encoder(method), bank.images, ds.mean, ds.std, ds.crop_size, device, ev.feature_batch_size)
-    ft = extract_features(_encoder(method), test.images, ds.mean, ds.std, ds.crop_size, device, ev.feature_batch_size)
-    method.train(was_training)
-    return topk_accuracy(knn_predict(fb, bank.labels, ft, ds.num_classes, ev.knn_k, ev.knn_t), test.labels)
+    with frozen(method):
+        fb, yb = split_features(method, ds, ds.train_split, ds.train_subset, trial.seed, device,
+                                ev.feature_batch_size)
+        ft, yt = split_features(method, ds, ds.test_split, ds.test_subset, trial.seed, device,
+                                ev.feature_batch_size)
+    if _rank_world()[0] != 0:
+        return None
+    return topk_accuracy(knn_predict(fb, yb, ft, ds.num_classes, ev.knn_k, ev.knn_t), yt)
 
 
 @contextmanager
@@ -101,31 +128,33 @@ def evaluate(method: torch.nn.Module, trial: TrialConfig, device: torch.device, 
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; known: {', '.join(PROTOCOLS)}")
     ds, ev = trial.dataset, eval_config or trial.eval
-    train = load_split(ds, ds.train_split)
-    test = load_split(ds, ds.test_split).subset(ds.test_subset, trial.seed)
+    if "paper" in protocols and ds.name in STREAMED:
+        raise ValueError(f"the paper linear protocol holds {ds.name} in memory, which it cannot; use 'fast'")
     with frozen(method):
-        return _evaluate(method, trial, ds, ev, train, test, device, protocols, encoder_at)
+        return _evaluate(method, trial, ds, ev, device, protocols, encoder_at)
 
 
-def _evaluate(method: torch.nn.Module, trial: TrialConfig, ds: DatasetConfig, ev: EvalConfig, train: ImageSet,
-              test: ImageSet, device: torch.device, protocols: tuple[str, ...], encoder_at: str) -> Evaluation:
+def _evaluate(method: torch.nn.Module, trial: TrialConfig, ds: DatasetConfig, ev: EvalConfig,
+              device: torch.device, protocols: tuple[str, ...], encoder_at: str) -> Evaluation:
     out = Evaluation()
-    if "knn" in protocols or "fast" in protocols:
-        ftr = extract_features(_encoder(method), train.images, ds.mean, ds.std, ds.crop_size, device,
-                               ev.feature_batch_size)
-        fte = extract_features(_encoder(method), test.images, ds.mean, ds.std, ds.crop_size, device,
-                               ev.feature_batch_size)
+    if "knn" in protocols or "fast" in protocols:  # every rank extracts its shard; rank 0 evaluates
+        ftr, ytr = split_features(method, ds, ds.train_split, None, trial.seed, device, ev.feature_batch_size)
+        fte, yte = split_features(method, ds, ds.test_split, ds.test_subset, trial.seed, device,
+                                  ev.feature_batch_size)
+        if _rank_world()[0] != 0:
+            return out
         if "knn" in protocols:
-            scores = knn_predict(ftr, train.labels, fte, ds.num_classes, ev.knn_k, ev.knn_t)
-            out.metrics |= {"knn_top1": topk_accuracy(scores, test.labels, 1),
-                            "knn_top5": topk_accuracy(scores, test.labels, 5)}
-            bank = f"{ds.train_split} split ({len(train)} images)"
+            scores = knn_predict(ftr, ytr, fte, ds.num_classes, ev.knn_k, ev.knn_t)
+            out.metrics |= {"knn_top1": topk_accuracy(scores, yte, 1), "knn_top5": topk_accuracy(scores, yte, 5)}
+            bank = f"{ds.train_split} split ({len(ytr)} images)"
             out.tags[PROTOCOL_TAG + "knn"] = knn_protocol(ev, bank=bank, encoder_at=encoder_at)
         if "fast" in protocols:
-            lin = linear_probe(ftr, train.labels, fte, test.labels, ds.num_classes, ev, seed=trial.seed)
+            lin = linear_probe(ftr, ytr, fte, yte, ds.num_classes, ev, seed=trial.seed)
             out.metrics |= {"linear_top1": lin.top1, "linear_top5": lin.top5}
             out.tags[PROTOCOL_TAG + "linear"] = linear_protocol(ev, encoder_at=encoder_at)
-    if "paper" in protocols:
+    if "paper" in protocols and _rank_world()[0] == 0:
+        train = load_split(ds, ds.train_split)
+        test = load_split(ds, ds.test_split).subset(ds.test_subset, trial.seed)
         recipe = paper_recipe(ev, ds.name)
         features = _Features(method)
         with torch.no_grad():
