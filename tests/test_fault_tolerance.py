@@ -23,11 +23,11 @@ from .conftest import ROOT
 from .services import S3_ENV, moto_s3, s3_keys
 from .test_train_distributed import _loop
 
-EPOCHS = 5
+EPOCHS = 4
 SMALL = [
     "grid.mixture=[both]", "untrained_reference=false", f"train.epochs={EPOCHS}", "train.batch_size=64",
     "train.num_workers=2", "train.torch_threads=1", "train.max_failures=3", "train.checkpoint_every=1",
-    "datasets.fashion_mnist.train_subset=1024", "datasets.fashion_mnist.test_subset=500",
+    "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=300",
     "eval.linear_epochs=1", "eval.knn_k=20", "eval.knn_every=0",
 ]
 

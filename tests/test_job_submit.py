@@ -15,6 +15,7 @@ from unmix_ray.redact import is_secret_like
 
 from .conftest import ROOT
 from .services import s3_keys
+from .test_standin import listening_addresses, port_of
 
 SMALL = ["grid.mixture=[none, cutmix]", "train.epochs=2", "train.batch_size=64", "train.torch_threads=1",
          "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=500",
@@ -23,9 +24,12 @@ SMALL = ["grid.mixture=[none, cutmix]", "train.epochs=2", "train.batch_size=64",
 
 @pytest.mark.slow
 def test_job_submit_runs_the_demo_sweep_into_the_tracking_server(tmp_path, fashion_mnist_root):
-    from cluster.local_standin import S3_ENV, standin
+    from cluster.local_standin import S3_ENV, _alive, _http_status, _pids_mentioning, standin
 
     with standin(tmp_path / "standin") as s:
+        for url in (s.dashboard_url, s.mlflow_uri, s.s3_endpoint):  # nothing listens beyond loopback
+            assert listening_addresses(port_of(url)) == {"127.0.0.1"}, url
+        assert _http_status(s.dashboard_url + "/api/version") == 401  # token auth is on
         env_vars = {"MLFLOW_TRACKING_URI": s.mlflow_uri, "AWS_ENDPOINT_URL_S3": s.s3_endpoint, **S3_ENV}
         sets = SMALL + [f"tune.storage_path=s3://{s.bucket}/checkpoints"]
         cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", s.dashboard_url,
@@ -63,3 +67,11 @@ def test_job_submit_runs_the_demo_sweep_into_the_tracking_server(tmp_path, fashi
             for key, value in {**r.data.params, **r.data.tags}.items():
                 assert not is_secret_like(value), (key, value)
         assert not [line for line in logs.splitlines() if is_secret_like(line)]
+        pids, temp_dir = dict(s.pids), s.ray_temp_dir
+        ports = [port_of(u) for u in (s.dashboard_url, s.mlflow_uri, s.s3_endpoint, s.ray_address)]
+
+    # ... and the stand-in goes away completely.
+    assert not any(_alive(p) for p in pids.values())
+    assert not _pids_mentioning(temp_dir), "a Ray process of the stand-in outlived it"
+    for port in ports:
+        assert not listening_addresses(port), port
