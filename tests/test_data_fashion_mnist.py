@@ -40,3 +40,12 @@ def test_truncated_file_is_reported(tmp_path, fashion_mnist_root):
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"garbage!")
     with pytest.raises(DatasetError, match="bad header"):
         fashion_mnist.load(tmp_path, "test")
+
+
+def test_dataset_errors_survive_pickling_with_their_message(tmp_path):
+    import pickle
+
+    with pytest.raises(DatasetError) as e:
+        fashion_mnist.load(tmp_path / "nope", "train")
+    again = pickle.loads(pickle.dumps(e.value))  # as when a Ray worker reports it
+    assert str(again) == str(e.value) and again.path == e.value.path
