@@ -305,8 +305,6 @@ def to_markdown(rows: pd.DataFrame) -> str:
                 "| dataset | method | backbone | variant | n | mean ± std | Δ vs none [95% CI] | untrained | paper |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for r in records:
-            if r["variant"] == UNTRAINED:
-                continue  # shown in the "untrained" column of its dataset/method/backbone
             p = ref(metric_protocol(m, r.get(protocol_column(m))), protocols)
             mean = _num(r[m])
             cell = ""
@@ -318,7 +316,8 @@ def to_markdown(rows: pd.DataFrame) -> str:
                 if not math.isnan(r[f"delta_{m}_ci_low"]):
                     d += f" [{_num(r[f'delta_{m}_ci_low'], True)}, {_num(r[f'delta_{m}_ci_high'], True)}]"
                 d += f" {r[f'delta_{m}_test']}" + ("" if not math.isnan(r[f"delta_{m}_ci_low"]) else ", no CI")
-            u = _num(r[f"untrained_{m}"])
+            # the reference row itself, and its number again beside every variant of its group
+            u = _num(r[f"untrained_{m}"]) if r["variant"] != UNTRAINED else ""
             if u:
                 ref_row = untrained.get(tuple(r[k] for k in GROUP), {})
                 u += f" {ref(metric_protocol(m, ref_row.get(protocol_column(m))), protocols)}"
