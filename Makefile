@@ -10,7 +10,7 @@ demo: setup
 	$(PY) jobs/sweep.py --config configs/sweeps/demo.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: setup
 	.venv/bin/ruff check .
