@@ -14,6 +14,7 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 
 report: setup
 	$(PY) jobs/report.py

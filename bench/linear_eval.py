@@ -50,7 +50,7 @@ from unmix_ray.evaluation import (  # noqa: E402
 from unmix_ray.methods import build_method  # noqa: E402
 from unmix_ray.models import NarrowResNet  # noqa: E402
 from unmix_ray.optim import build_optimizer, build_scheduler  # noqa: E402
-from unmix_ray.train_loop import Pretrainer  # noqa: E402
+from unmix_ray.step import Pretrainer  # noqa: E402
 from unmix_ray.unmix import MixtureSampler  # noqa: E402
 
 MEAN, STD, CROP = (0.2860,), (0.3530,), 28
@@ -61,7 +61,7 @@ def pretrain(root: str, images: int, epochs: int, batch: int, device: torch.devi
     data = fashion_mnist.load(root, "train").subset(images, 0)
     torch.manual_seed(0)
     optim = OptimConfig(name="adam", lr=3e-3, weight_decay=1e-6, warmup_epochs=0.5)
-    method = build_method(MethodConfig("simclr", {"proj_hidden": 512, "proj_dim": 64}, optim),
+    method = build_method(MethodConfig(name="simclr", params={"proj_hidden": 512, "proj_dim": 64}, optim=optim),
                           NarrowResNet(1, 16)).to(device)
     batches = MemoryBatches(data, batch, 0, 1, seed=0, shuffle=True, drop_last=True)
     optimizer = build_optimizer(method, optim, batch)
@@ -71,7 +71,7 @@ def pretrain(root: str, images: int, epochs: int, batch: int, device: torch.devi
     trainer = Pretrainer(method, method, optimizer, scheduler, augment)
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        loss = trainer.epoch(batches, MixtureSampler(MixtureConfig("none"), seed=epoch), device,
+        loss = trainer.epoch(batches, MixtureSampler(MixtureConfig(type="none"), seed=epoch), device,
                              step0=epoch * len(batches), total_steps=epochs * len(batches)).tolist()
         print(f"pretraining epoch {epoch + 1}/{epochs}: loss {loss[0]:.3f}", flush=True)
     return method.backbone.eval()
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pretrain-batch", type=int, default=256)
     ap.add_argument("--train-images", type=int, default=20000, help="probe training images (0: all 60000)")
     ap.add_argument("--test-images", type=int, default=None, help="test images (default: all 10000)")
-    ap.add_argument("--linear-epochs", type=int, default=EvalConfig.linear_epochs)
-    ap.add_argument("--linear-batch", type=int, default=EvalConfig.linear_batch_size)
+    ap.add_argument("--linear-epochs", type=int, default=EvalConfig().linear_epochs)
+    ap.add_argument("--linear-batch", type=int, default=EvalConfig().linear_batch_size)
     ap.add_argument("--paper-epochs", type=int, default=60)
-    ap.add_argument("--paper-crop-scale", type=float, nargs=2, default=EvalConfig.paper_crop_scale,
+    ap.add_argument("--paper-crop-scale", type=float, nargs=2, default=EvalConfig().paper_crop_scale,
                     help="RandomResizedCrop scale of the paper protocol's training views")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """What Ray Train costs per epoch: the same epochs in a plain PyTorch loop and through Ray Train.
 
-Same code (``unmix_ray.train_loop.Pretrainer``), model (narrow ResNet, SimCLR with Un-Mix ``both``),
+Same code (``unmix_ray.step.Pretrainer``), model (narrow ResNet, SimCLR with Un-Mix ``both``),
 data (a Fashion-MNIST subset) and global batch in every setting; the CPU threads in use are the same
 too (plain: one process with T threads; Ray 1 worker: T threads; Ray 2 workers: T/2 threads each, each
 on half of every global batch, DDP over gloo). Per-epoch times exclude the first (warm-up) epoch.
@@ -32,21 +32,22 @@ def build(args: dict, rank: int, world: int):
     from unmix_ray.methods import build_method
     from unmix_ray.models import NarrowResNet
     from unmix_ray.optim import build_optimizer, build_scheduler
-    from unmix_ray.train_loop import Pretrainer
+    from unmix_ray.step import Pretrainer
     from unmix_ray.unmix import MixtureSampler
 
     torch.set_num_threads(args["threads"] // world)
     data = fashion_mnist.load(args["root"], "train").subset(args["images"], 0)
     torch.manual_seed(0)
     optim = OptimConfig(name="adam", lr=3e-3, weight_decay=1e-6)
-    method = build_method(MethodConfig("simclr", {"proj_hidden": 256, "proj_dim": 64}, optim), NarrowResNet(1, 16))
+    method = build_method(MethodConfig(name="simclr", params={"proj_hidden": 256, "proj_dim": 64}, optim=optim),
+                          NarrowResNet(1, 16))
     batches = MemoryBatches(data, args["batch"] // world, rank, world, seed=0, shuffle=True, drop_last=True)
     optimizer = build_optimizer(method, optim, args["batch"])
     scheduler = build_scheduler(optimizer, optim, len(batches), args["epochs"], args["batch"])
     augment = BatchAugment(AugmentConfig(jitter=(0.4, 0.4, 0.0, 0.0), gray_p=0.0), 28, (0.286,), (0.353,),
                            torch.Generator().manual_seed(rank))
     return method, Pretrainer(method, method, optimizer, scheduler, augment), batches, MixtureSampler(
-        MixtureConfig("both"), seed=rank)
+        MixtureConfig(type="both"), seed=rank)
 
 
 def timed_epochs(trainer, batches, mixer, epochs: int) -> list[float]:

@@ -36,11 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing it
     sys.path.insert(0, str(ROOT))
 
-from unmix_ray.config import CONFIG_DIR, MethodConfig, MixtureConfig  # noqa: E402
+from unmix_ray.config import (  # noqa: E402
+    CONFIG_DIR,
+    MethodConfig,
+    MixtureConfig,
+    build,  # noqa: E402
+)
 from unmix_ray.methods import build_method  # noqa: E402
 from unmix_ray.models import resnet18_cifar  # noqa: E402
 from unmix_ray.optim import build_optimizer  # noqa: E402
-from unmix_ray.schema import build  # noqa: E402
 from unmix_ray.unmix import MixtureSampler  # noqa: E402
 
 FLOORS = {"simclr": 1.5, "byol": 1.5, "moco_v1": 1.75, "moco_v2": 1.75, "swav": 1.5}
@@ -59,7 +63,7 @@ def bench_method(name: str, args: argparse.Namespace) -> dict[str, float]:
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     method = method.to(memory_format=fmt)
     opt = build_optimizer(method, config.optim, args.batch)
-    sampler = MixtureSampler(MixtureConfig("both", prob=0.5), seed=args.seed)
+    sampler = MixtureSampler(MixtureConfig(type="both", prob=0.5), seed=args.seed)
     g = torch.Generator().manual_seed(args.seed)
     x0, x1 = (torch.randn(args.batch, 3, 32, 32, generator=g).to(device, memory_format=fmt) for _ in range(2))
 

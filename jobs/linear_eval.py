@@ -19,13 +19,15 @@ import sys
 
 import _path  # noqa: F401
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from unmix_ray import tracking
-from unmix_ray.config import TrialConfig, apply_overrides
+from unmix_ray import checkpoint
+from unmix_ray.config import ConfigError, TrialConfig, apply_overrides
+from unmix_ray.evaluation import checkpoint_epoch_text, evaluate, method_from_checkpoint
+from unmix_ray.orchestration import tracking
 from unmix_ray.redact import redact
-from unmix_ray.schema import ConfigError
-from unmix_ray.trial_eval import checkpoint_epoch_text, evaluate, method_from_checkpoint, read_checkpoint
+from unmix_ray.train.logger import RunLogger
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     client = MlflowClient(uri)
     location = args.checkpoint
     if location is None:
-        run = client.get_run(args.run_id)
+        try:
+            run = client.get_run(args.run_id)
+        except MlflowException as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"error: no run {args.run_id!r} at {redact(uri)} ({redact(reason)})", file=sys.stderr)
+            return 2
         location = run.data.tags.get(tracking.TAG_CHECKPOINT)
         if not location:
             print(f"error: run {args.run_id} has no {tracking.TAG_CHECKPOINT} tag (it did not finish, or predates "
                   "the tag); pass --checkpoint <Ray checkpoint folder or state.pt>", file=sys.stderr)
             return 2
-    state = read_checkpoint(location, args.storage_endpoint_url)
+    try:
+        state = checkpoint.read(location, args.storage_endpoint_url)
+    except checkpoint.CheckpointError as e:
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return 2
     try:
         trial = TrialConfig.from_dict(apply_overrides(state["trial"], args.set))
     except ConfigError as e:
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_id and state.get("run_id") and state["run_id"] != args.run_id:
         print(f"warning: the checkpoint was written by run {state['run_id']}, logging to {args.run_id}",
               file=sys.stderr)
-    logger = tracking.RunLogger(uri, run_id)
+    logger = RunLogger(uri, run_id)
     logger.log(result.metrics, step=int(state.get("epoch", trial.train.epochs)))
     logger.set_tags(result.tags)
     if not logger.flush(wait_s=60):

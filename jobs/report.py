@@ -17,9 +17,10 @@ import sys
 import _path  # noqa: F401
 from mlflow.tracking import MlflowClient
 
-from unmix_ray import tracking
+from unmix_ray.orchestration import tracking
+from unmix_ray.orchestration.render import log_results, save_results
+from unmix_ray.orchestration.results import build_results
 from unmix_ray.redact import redact
-from unmix_ray.report import build_results, latest_sweep_id, log_results, results_run, save_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no experiment {args.experiment!r} at {redact(uri)}", file=sys.stderr)
             return 2
     else:
-        sweep_id = latest_sweep_id(uri, args.experiment, args.sweep)
+        sweep_id = tracking.latest_sweep_id(uri, args.experiment, args.sweep)
         if sweep_id is None:
             print(f"error: no sweep {args.sweep or ''} in experiment {args.experiment!r} at {redact(uri)}",
                   file=sys.stderr)
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         run_id = tracking.find_runs(client, exp.experiment_id,
                                     **{tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP_ID: sweep_id})[0].info.run_id
     else:
-        run_id = results_run(client, exp.experiment_id, args.experiment)
+        run_id = tracking.results_run(client, exp.experiment_id, args.experiment)
     log_results(client, run_id, table)
     if not args.no_plots:
-        from unmix_ray.plots import log_sweep_plots
+        from unmix_ray.orchestration.plots import log_sweep_plots
 
         log_sweep_plots(client, run_id, uri, args.experiment, sweep_id, table=table)
     print(f"Logged to MLflow run {run_id} (artifacts results/ and plots/) at {redact(uri)}")

@@ -15,8 +15,8 @@ import sys
 
 import _path  # noqa: F401
 
-from unmix_ray.config import load_sweep
-from unmix_ray.schema import ConfigError
+from unmix_ray.compose import load_sweep
+from unmix_ray.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.dry_run:
-        from unmix_ray.plan import format_plan, plan_sweep
+        from unmix_ray.orchestration.plan import format_plan, plan_sweep
 
         print(format_plan(plan_sweep(sweep)))
         return 0
 
-    from unmix_ray import tracking
+    from unmix_ray.orchestration import tracking
+    from unmix_ray.orchestration.sweep import run_sweep
     from unmix_ray.redact import redact
-    from unmix_ray.sweep import run_sweep
 
     uri = tracking.tracking_uri()
     table = run_sweep(sweep, uri, sweep_id=args.resume)

@@ -13,13 +13,14 @@ kNN top-1 per seed (linear top-1 = kNN + 5 everywhere):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 
-from unmix_ray import tracking
-from unmix_ray.config import load_sweep
+from unmix_ray.compose import load_sweep
 from unmix_ray.evaluation import PROTOCOL_TAG, knn_protocol, linear_protocol
+from unmix_ray.orchestration import tracking
+from unmix_ray.train.logger import RunLogger
 
 from .conftest import ROOT
 
@@ -49,8 +50,8 @@ def log_handmade_sweep(uri: str, experiment: str = "unmix-ray", sweep_id: str = 
         "grid.seed=[0,1,2]", "grid.prob=[0.5,0.25]", f"train.epochs={epochs}", f"experiment={experiment}",
         "eval.knn_k=20"])
     trials = {(t.variant, t.seed): t for t in sweep.trials}
-    trials[("both@0.5", 3)] = replace(trials[("both@0.5", 0)], seed=3)
-    trials[("both@0.5", 4)] = replace(trials[("both@0.5", 0)], seed=4)
+    trials[("both@0.5", 3)] = trials[("both@0.5", 0)].model_copy(update={"seed": 3})
+    trials[("both@0.5", 4)] = trials[("both@0.5", 0)].model_copy(update={"seed": 4})
     wanted = set(KNN) | set(STATUS)
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(client, experiment)
@@ -61,7 +62,7 @@ def log_handmade_sweep(uri: str, experiment: str = "unmix-ray", sweep_id: str = 
         run_id = tracking.start_trial_run(client, exp_id, parent, sweep_id, trial)
         run_ids[key] = run_id
         status = STATUS.get(key, "FINISHED")
-        logger = tracking.RunLogger(uri, run_id)
+        logger = RunLogger(uri, run_id)
         if trial.train.epochs:
             for epoch in range(1, epochs + 1 if status == "FINISHED" else 2):
                 logger.log({"loss": 6.0 - epoch, "loss_clean": 3.0 - epoch / 2, "loss_mixed": 3.0 - epoch / 2,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unmix_ray.plan import load_throughput
+from unmix_ray.orchestration.throughput import load_throughput
 from unmix_ray.redact import is_secret_like, is_secret_name
 
 ROOT = Path(__file__).resolve().parents[1]

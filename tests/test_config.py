@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from unmix_ray.config import apply_overrides, load_sweep
-from unmix_ray.schema import ConfigError
+from unmix_ray.compose import load_sweep
+from unmix_ray.config import ConfigError, apply_overrides
 
 from .conftest import ROOT
 
@@ -66,7 +66,7 @@ def test_bad_values_inside_component_files(tmp_path):
     method["optim"]["lr"] = -1
     (tmp_path / "methods/simclr.yaml").write_text(yaml.safe_dump(method))
     with pytest.raises(ConfigError) as e:
-        from unmix_ray.config import compose_sweep
+        from unmix_ray.compose import compose_sweep
         compose_sweep(yaml.safe_load(DEMO.read_text()), config_dir=tmp_path)
     assert "methods/simclr.yaml.params.temprature: unknown key" in str(e.value)
     assert "methods/simclr.yaml.optim.lr: must be > 0" in str(e.value)

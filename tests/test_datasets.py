@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import pickle
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,12 @@ import torch
 import yaml
 from torchvision.io import encode_jpeg
 
-from unmix_ray.config import CONFIG_DIR, DatasetConfig, compose_sweep
-from unmix_ray.data import DATASETS, DatasetError, image_loader, load_pretrain, load_split
-from unmix_ray.data.fixtures import REAL_CLASSES, write_fixture
+from unmix_ray.compose import compose_sweep, known_names
+from unmix_ray.config import CONFIG_DIR, ConfigError, DatasetConfig, build
+from unmix_ray.data import DatasetError, image_loader, load_pretrain, load_split
 from unmix_ray.data.loader import shard_indices
-from unmix_ray.schema import ConfigError, build
+
+from .fixtures import DATASETS, REAL_CLASSES, write_fixture
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -48,7 +48,7 @@ def assert_clear(err: DatasetError, dataset: str, path_part: str) -> None:
 # ---- configs ----------------------------------------------------------------------------------------------
 
 def test_every_dataset_config_composes_with_the_paper_settings():
-    names = ["cifar10", "cifar100", "stl10", "tiny_imagenet", "imagenet", "fashion_mnist"]
+    names = known_names("datasets")
     sweep = compose_sweep({"name": "t", "grid": {"dataset": names, "method": ["simclr"], "mixture": ["none"]},
                            "untrained_reference": False})
     got = {t.dataset.name: t.dataset for t in sweep.trials}
@@ -149,7 +149,7 @@ def test_stl10_column_major_planes_and_unlabeled(tmp_path):
     assert pre.images.shape == (40, 3, 96, 96)
     assert (pre.labels == -1).sum() == 20 and sorted(pre.labels[pre.labels >= 0].tolist()) == sorted(
         list(range(10)) * 2)
-    assert len(load_pretrain(replace(cfg, train_subset=8), seed=0)) == 8
+    assert len(load_pretrain(cfg.model_copy(update={"train_subset": 8}), seed=0)) == 8
 
 
 def test_stl10_bad_data(tmp_path):

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from unmix_ray.augment import BatchAugment
-from unmix_ray.config import load_sweep
+from unmix_ray.compose import load_sweep
 from unmix_ray.data import fashion_mnist
 from unmix_ray.data.loader import MemoryBatches
 from unmix_ray.methods import METHODS, build_method
 from unmix_ray.models import build_backbone
 from unmix_ray.optim import build_optimizer, build_scheduler
-from unmix_ray.train_loop import Pretrainer
+from unmix_ray.step import Pretrainer
 from unmix_ray.unmix import MixtureSampler
 
 from .conftest import ROOT

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from unmix_ray.config import load_sweep
+from unmix_ray.compose import load_sweep
 
 from .conftest import ROOT
 from .services import S3_ENV, moto_s3, s3_keys
@@ -58,7 +58,7 @@ def epochs_logged(uri: str, name: str) -> list[int]:
 
 
 def run_in_thread(sweep, uri):
-    from unmix_ray.sweep import run_sweep
+    from unmix_ray.orchestration.sweep import run_sweep
 
     box = {}
 

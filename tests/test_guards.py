@@ -7,8 +7,8 @@ import logging
 import pytest
 from mlflow.tracking import MlflowClient
 
-from unmix_ray.config import load_sweep
-from unmix_ray.tracking import RunLogger
+from unmix_ray.compose import load_sweep
+from unmix_ray.train.logger import RunLogger
 
 from .conftest import ROOT, free_port
 from .services import mlflow_server
@@ -16,7 +16,7 @@ from .services import mlflow_server
 
 @pytest.mark.slow
 def test_nan_guard_fails_fast_naming_epoch_and_step(ray_local, tmp_path, fashion_mnist_root):
-    from unmix_ray.sweep import run_sweep
+    from unmix_ray.orchestration.sweep import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [

@@ -9,11 +9,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from unmix_ray import tracking
-from unmix_ray.config import load_sweep
+from unmix_ray.compose import load_sweep
 from unmix_ray.data import fashion_mnist
 from unmix_ray.methods import build_method
 from unmix_ray.models import build_backbone
+from unmix_ray.orchestration import tracking
 
 from .conftest import ROOT
 from .test_report import load_job
@@ -106,7 +106,7 @@ def test_a_run_without_a_checkpoint_is_an_error(finished_run, monkeypatch, capsy
 def test_a_checkpoint_in_s3_storage_is_read(finished_run, tmp_path, monkeypatch):
     import boto3
 
-    from unmix_ray.trial_eval import read_checkpoint
+    from unmix_ray.checkpoint import read as read_checkpoint
 
     from .services import S3_ENV, moto_s3
 

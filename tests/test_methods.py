@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from unmix_ray.config import CONFIG_DIR, MethodConfig, MixtureConfig, compose_sweep
+from unmix_ray.compose import compose_sweep
+from unmix_ray.config import CONFIG_DIR, ConfigError, MethodConfig, MixtureConfig
 from unmix_ray.losses.byol import normalized_mse
 from unmix_ray.losses.info_nce import info_nce
 from unmix_ray.losses.nt_xent import nt_xent
@@ -18,7 +18,6 @@ from unmix_ray.methods import METHODS, build_method
 from unmix_ray.methods.byol import target_momentum
 from unmix_ray.methods.moco import MoCo, same_mixture
 from unmix_ray.models import NarrowResNet
-from unmix_ray.schema import ConfigError
 from unmix_ray.unmix import Mixture, MixtureSampler, cutmix, flip, mixup
 
 torch.set_num_threads(1)
@@ -39,7 +38,7 @@ VARIANTS = list(SMALL)
 def make(variant: str, seed: int = 0):
     torch.manual_seed(seed)
     name = variant.removesuffix("_online").removesuffix("_sym")
-    return build_method(MethodConfig(name, SMALL[variant]), NarrowResNet(3, 8)).train()
+    return build_method(MethodConfig(name=name, params=SMALL[variant]), NarrowResNet(3, 8)).train()
 
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +169,7 @@ def test_mixed_term_weights_follow_lam(variant):
     x0, x1 = batch()
     neg = m.queue.clone() if isinstance(m, MoCo) else None
     if isinstance(m, MoCo):
-        m.params = dataclasses.replace(m.params, symmetric=False)
+        m.params = m.params.model_copy(update={"symmetric": False})
 
         def loss(a, b):
             return m.loss(a, b, negatives=neg)
@@ -321,7 +320,7 @@ def test_method_state_round_trips_through_state_dict(variant, tmp_path: Path):
     m = make(variant)
     x0, x1 = batch()
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
-    sampler = MixtureSampler(MixtureConfig("both"), 0)
+    sampler = MixtureSampler(MixtureConfig(type="both"), 0)
     for step in range(2):
         opt.zero_grad()
         m(x0, x1, sampler(x0)).total.backward()

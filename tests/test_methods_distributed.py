@@ -126,7 +126,7 @@ def _moco_worker(rank: int) -> None:
     # Every rank enqueues every rank's clean keys, so the queue is identical on all ranks.
     torch.manual_seed(0)  # same initial weights and queue on both ranks
     params = {"proj_dim": 8, "queue_size": 20, "momentum": 0.9}
-    method = build_method(MethodConfig("moco_v1", params), NarrowResNet(3, 4)).train()
+    method = build_method(MethodConfig(name="moco_v1", params=params), NarrowResNet(3, 4)).train()
     assert _same_on_all_ranks(method.queue)
     # broadcast_buffers=False: DDP must not paper over a queue that diverged between ranks.
     model = DistributedDataParallel(method, broadcast_buffers=False)
@@ -149,7 +149,7 @@ def _moco_worker(rank: int) -> None:
 
     # The block just written is rank 0's keys, then rank 1's.
     torch.manual_seed(0)
-    flat = build_method(MethodConfig("moco_v1", {"proj_dim": 8, "queue_size": 20}), Flat()).train()
+    flat = build_method(MethodConfig(name="moco_v1", params={"proj_dim": 8, "queue_size": 20}), Flat()).train()
     x0, x1 = torch.randn(4, 3, 8, 8) + rank, torch.randn(4, 3, 8, 8) - rank
     own = flat._key_encoder(x1)
     flat(x0, x1, None)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from unmix_ray.plots import log_sweep_plots
-from unmix_ray.report import build_results, log_results
+from unmix_ray.orchestration.plots import log_sweep_plots
+from unmix_ray.orchestration.render import log_results
+from unmix_ray.orchestration.results import build_results
 
 from .conftest import ROOT
 from .handmade_runs import log_handmade_sweep

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from unmix_ray.compose import load_sweep
 from unmix_ray.config import (
+    ConfigError,
     DatasetConfig,
     EvalConfig,
     MethodConfig,
@@ -13,24 +15,17 @@ from unmix_ray.config import (
     TrainConfig,
     TrialConfig,
     TuneSettings,
-    load_sweep,
+    build,
 )
-from unmix_ray.plan import (
-    DEFAULT_CLUSTER,
-    THROUGHPUT_PATH,
+from unmix_ray.orchestration.plan import DEFAULT_CLUSTER, dry_run, estimate_trial, format_plan, plan_sweep
+from unmix_ray.orchestration.resources import (
     ClusterSpec,
-    ThroughputTable,
     driver_resources,
-    dry_run,
-    estimate_trial,
-    format_plan,
-    load_throughput,
     max_concurrent_trials,
-    plan_sweep,
     sweep_max_concurrent,
     trial_resources,
 )
-from unmix_ray.schema import ConfigError, build
+from unmix_ray.orchestration.throughput import THROUGHPUT_PATH, ThroughputTable, load_throughput
 
 from .paper_configs import (
     PAPER_DATASETS,
@@ -71,12 +66,12 @@ def small_table(**changes) -> ThroughputTable:
 
 def toy_trial(method="moco_v2", mixture="mixup", epochs=10, workers=1, use_gpu=True, dataset="toy",
               test_split="test", cpus=3.0) -> TrialConfig:
-    ds = DatasetConfig(name=dataset, root="/x", num_classes=10, channels=3, image_size=32, crop_size=32,
-                       mean=(0.5,) * 3, std=(0.2,) * 3, test_split=test_split)
+    ds = DatasetConfig(name=dataset, root="/x", loader="unmix_ray.data.npz", num_classes=10, channels=3,
+                       image_size=32, crop_size=32, mean=(0.5,) * 3, std=(0.2,) * 3, test_split=test_split)
     train = TrainConfig(epochs=epochs, batch_size=128, num_workers=workers, use_gpu=use_gpu,
                         cpus_per_worker=cpus)
     return TrialConfig(sweep="t", seed=0, dataset=ds, method=MethodConfig(name=method),
-                       mixture=MixtureConfig(mixture), train=train, eval=EvalConfig(knn_every=10))
+                       mixture=MixtureConfig(type=mixture), train=train, eval=EvalConfig(knn_every=10))
 
 
 def test_estimate_maths():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from unmix_ray.plots import log_sweep_plots
+from unmix_ray.orchestration.plots import log_sweep_plots
 
 from .handmade_runs import log_handmade_sweep
 

@@ -12,19 +12,17 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.evaluation import METRIC_SPECS
-from unmix_ray.report import (
+from unmix_ray.orchestration.render import log_results
+from unmix_ray.orchestration.results import (
     PAPER_RESULTS,
     TABLE_METRICS,
     build_results,
-    latest_sweep_id,
     load_paper_results,
-    log_results,
     paper_number,
     protocol_column,
-    seed_delta,
-    t_quantile,
-    to_markdown,
 )
+from unmix_ray.orchestration.stats import seed_delta, t_quantile
+from unmix_ray.orchestration.tracking import latest_sweep_id
 
 from .handmade_runs import LINEAR_OFFSET, log_handmade_sweep
 
@@ -186,7 +184,7 @@ def test_log_results_and_a_whole_experiment(store, table):
     csv = pd.read_csv(client.download_artifacts(other.parent_run_id, "results/results_table.csv"))
     assert list(csv["variant"]) == list(table.rows["variant"])
     md = open(client.download_artifacts(other.parent_run_id, "results/results_table.md")).read()
-    assert md == to_markdown(table.rows)
+    assert md == table.markdown()
     text = open(client.download_artifacts(other.parent_run_id, "results/results_table.json")).read()
     assert "NaN" not in text  # valid JSON for the UI
     shown = json.loads(text)  # what the UI shows: readable cells, each metric with its protocol column

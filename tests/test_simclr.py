@@ -40,7 +40,7 @@ def test_nt_xent_is_low_for_matching_pairs():
 
 def simclr(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = MethodConfig("simclr", {"temperature": 0.5, "proj_hidden": 32, "proj_dim": 16})
+    cfg = MethodConfig(name="simclr", params={"temperature": 0.5, "proj_hidden": 32, "proj_dim": 16})
     return build_method(cfg, NarrowResNet(3, width=8)).train()
 
 
@@ -56,7 +56,7 @@ def test_unmix_simclr_with_mixing_off_equals_plain_nt_xent():
 def test_unmix_simclr_mixed_terms_use_flipped_embeddings_equal_to_real_forward():
     model = simclr()
     x0, x1 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    mixture = MixtureSampler(MixtureConfig("both"), 1)(x0)
+    mixture = MixtureSampler(MixtureConfig(type="both"), 1)(x0)
     out = model(x0, x1, mixture)
     z1, zm = model.outputs(x1), model.outputs(mixture.images)
     real_flip = model.outputs(mixture.images.flip(0))  # a genuine forward pass of flip(mix), train-mode BN
@@ -70,7 +70,7 @@ def test_simclr_loss_falls_on_a_fixed_batch():
     model = simclr()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x0, x1 = torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)
-    sampler = MixtureSampler(MixtureConfig("both"), 0)
+    sampler = MixtureSampler(MixtureConfig(type="both"), 0)
     mixture = sampler(x0)
     losses = []
     for _ in range(15):

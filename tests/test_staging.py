@@ -24,13 +24,15 @@ import pytest
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
+from unmix_ray import storage  # noqa: E402
 from unmix_ray.config import DatasetConfig  # noqa: E402
 from unmix_ray.data import (  # noqa: E402
     DatasetError,
     load_split,
     staging,  # noqa: E402
 )
-from unmix_ray.data.fixtures import write_fixture  # noqa: E402
+
+from .fixtures import write_fixture  # noqa: E402
 
 SECRET = "staging-test-secret-value-0123456789"
 BUCKET = "unmix-data"
@@ -330,7 +332,7 @@ def test_credentials_never_reach_the_logs(s3, tmp_path, caplog):
         staging.stage(f"s3://{BUCKET}/tree5", tmp_path / "dest", endpoint_url=s3.url)
     assert "staging s3://" in caplog.text
     assert SECRET not in caplog.text
-    assert staging.redact("https://user:pa55@minio.local:9000/x") == "https://minio.local:9000/x"
+    assert storage.redact_endpoint("https://user:pa55@minio.local:9000/x") == "https://minio.local:9000/x"
 
 
 def test_multipart_etags_are_checked(tmp_path):
@@ -342,11 +344,11 @@ def test_multipart_etags_are_checked(tmp_path):
     path.write_bytes(data)
     parts = hashlib.md5(data[:part]).digest() + hashlib.md5(data[part:]).digest()
     etag = hashlib.md5(parts).hexdigest() + "-2"
-    assert staging.etag_matches(path, etag, len(data)) is True
-    assert staging.etag_matches(path, etag.replace("-2", "-3"), len(data)) is False
-    assert staging.etag_matches(path, hashlib.md5(data).hexdigest(), len(data)) is True
-    assert staging.etag_matches(path, hashlib.md5(b"other").hexdigest(), len(data)) is False
-    assert staging.etag_matches(path, "not-an-md5", len(data)) is None  # e.g. SSE-KMS: size check only
+    assert storage.etag_matches(path, etag, len(data)) is True
+    assert storage.etag_matches(path, etag.replace("-2", "-3"), len(data)) is False
+    assert storage.etag_matches(path, hashlib.md5(data).hexdigest(), len(data)) is True
+    assert storage.etag_matches(path, hashlib.md5(b"other").hexdigest(), len(data)) is False
+    assert storage.etag_matches(path, "not-an-md5", len(data)) is None  # e.g. SSE-KMS: size check only
 
 
 def test_files_next_to_an_extracted_archive_are_not_tracked(s3, tmp_path, archive):

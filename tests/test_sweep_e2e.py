@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from unmix_ray.config import load_sweep
-from unmix_ray.report import build_results
+from unmix_ray.compose import load_sweep
+from unmix_ray.orchestration.results import build_results
 
 from .conftest import ROOT
 
@@ -20,7 +20,7 @@ SMALL = [
 
 @pytest.mark.slow
 def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, fashion_mnist_root):
-    from unmix_ray.sweep import run_sweep
+    from unmix_ray.orchestration.sweep import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [f"tune.storage_path={tmp_path / 'ray'}"])
@@ -63,7 +63,7 @@ def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, fash
 def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, fashion_mnist_root):
     """Sequential trials, ASHA on the training loss: the Un-Mix trial's total loss (clean + mixed terms)
     is far above the baseline's, so at the first rung ASHA stops it."""
-    from unmix_ray.sweep import run_sweep
+    from unmix_ray.orchestration.sweep import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
@@ -95,8 +95,9 @@ def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, fashio
 @pytest.mark.slow
 def test_demo_sweep_runs_on_every_paper_dataset_fixture(ray_local, tmp_path):
     """The five paper datasets, each as a tiny fixture in its exact original format, through one sweep."""
-    from unmix_ray.data.fixtures import write_fixture
-    from unmix_ray.sweep import run_sweep
+    from unmix_ray.orchestration.sweep import run_sweep
+
+    from .fixtures import write_fixture
 
     names = ["cifar10", "cifar100", "stl10", "tiny_imagenet", "imagenet"]
     sets = ["grid.mixture=[both]", "untrained_reference=false", "train.epochs=1", "train.batch_size=8",

@@ -26,7 +26,7 @@ def _loop(config: dict) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     augment = BatchAugment(AugmentConfig(jitter=(0.4, 0.4, 0, 0), gray_p=0), 16, (0.5,), (0.25,), g)
-    mixer = MixtureSampler(MixtureConfig("both"), seed=rank)  # each rank mixes its own batch, its own draw
+    mixer = MixtureSampler(MixtureConfig(type="both"), seed=rank)  # each rank mixes its own batch, its own draw
     for _ in range(config["steps"]):
         x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8, generator=g)  # different data per rank
         x0, x1 = augment(x), augment(x)

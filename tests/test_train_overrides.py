@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from unmix_ray.config import CONFIG_DIR, SweepConfig, compose_sweep, trial_train
-from unmix_ray.schema import ConfigError, build
+from unmix_ray.compose import compose_sweep, trial_train
+from unmix_ray.config import CONFIG_DIR, ConfigError, SweepConfig, build
 
 
 def sweep_dict(**extra):

@@ -57,36 +57,36 @@ def test_lambda_one_gives_the_input_back():
 
 @pytest.mark.parametrize("prob,kind", [(1.0, "mixup"), (0.0, "cutmix")])
 def test_probability_one_always_mixup_zero_always_cutmix(prob, kind):
-    sampler = MixtureSampler(MixtureConfig("both", prob=prob), seed=3)
+    sampler = MixtureSampler(MixtureConfig(type="both", prob=prob), seed=3)
     kinds = {sampler(batch()).kind for _ in range(200)}
     assert kinds == {kind}
 
 
 def test_probability_half_mixes_both_ways_in_proportion():
-    sampler = MixtureSampler(MixtureConfig("both", prob=0.5), seed=3)
+    sampler = MixtureSampler(MixtureConfig(type="both", prob=0.5), seed=3)
     kinds = [sampler(batch(2, 1, 4, 4)).kind for _ in range(2000)]
     assert kinds.count("mixup") / len(kinds) == pytest.approx(0.5, abs=0.04)
 
 
 def test_types_mixup_cutmix_none():
-    assert MixtureSampler(MixtureConfig("none"), 0)(batch()) is None
-    assert {MixtureSampler(MixtureConfig("mixup", prob=0.0), 0)(batch()).kind for _ in range(20)} == {"mixup"}
-    assert {MixtureSampler(MixtureConfig("cutmix", prob=1.0), 0)(batch()).kind for _ in range(20)} == {"cutmix"}
+    assert MixtureSampler(MixtureConfig(type="none"), 0)(batch()) is None
+    assert {MixtureSampler(MixtureConfig(type="mixup", prob=0.0), 0)(batch()).kind for _ in range(20)} == {"mixup"}
+    assert {MixtureSampler(MixtureConfig(type="cutmix", prob=1.0), 0)(batch()).kind for _ in range(20)} == {"cutmix"}
 
 
 def test_lambda_is_beta_distributed():
-    sampler = MixtureSampler(MixtureConfig("mixup", beta=1.0), seed=0)
+    sampler = MixtureSampler(MixtureConfig(type="mixup", beta=1.0), seed=0)
     lams = np.array([sampler(batch(2, 1, 2, 2)).lam for _ in range(4000)])
     assert lams.mean() == pytest.approx(0.5, abs=0.02)  # Beta(1,1) = U(0,1): mean 1/2, var 1/12
     assert lams.var() == pytest.approx(1 / 12, abs=0.01)
-    sampler = MixtureSampler(MixtureConfig("mixup", beta=4.0), seed=0)
+    sampler = MixtureSampler(MixtureConfig(type="mixup", beta=4.0), seed=0)
     lams = np.array([sampler(batch(2, 1, 2, 2)).lam for _ in range(4000)])
     assert lams.var() == pytest.approx(1 / 36, abs=0.005)  # Beta(4,4): var = 16/(64*9)
 
 
 def test_same_seed_same_mixture_and_state_roundtrip():
     x = batch()
-    a, b = MixtureSampler(MixtureConfig("both"), 7), MixtureSampler(MixtureConfig("both"), 7)
+    a, b = MixtureSampler(MixtureConfig(type="both"), 7), MixtureSampler(MixtureConfig(type="both"), 7)
     for _ in range(20):
         ma, mb = a(x), b(x)
         assert ma.kind == mb.kind and ma.lam == mb.lam and torch.equal(ma.images, mb.images)
@@ -94,13 +94,13 @@ def test_same_seed_same_mixture_and_state_roundtrip():
     first = [a(x).lam for _ in range(5)]
     a.load_state(state)
     assert [a(x).lam for _ in range(5)] == first
-    c = MixtureSampler(MixtureConfig("both"), 8)
+    c = MixtureSampler(MixtureConfig(type="both"), 8)
     assert [c(x).lam for _ in range(5)] != first
 
 
 def test_mixture_stays_on_the_batch_device_and_dtype():
     x = batch().to(torch.float64)
-    m = MixtureSampler(MixtureConfig("both"), 0)(x)
+    m = MixtureSampler(MixtureConfig(type="both"), 0)(x)
     assert m.images.dtype == x.dtype and m.images.device == x.device and m.images.shape == x.shape
 
 
@@ -109,7 +109,7 @@ def test_flipped_embedding_shortcut_equals_forward_of_flipped_mixture_with_train
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4),
                               torch.nn.BatchNorm1d(4)).train()
-    mix = MixtureSampler(MixtureConfig("both"), 0)(batch(8)).images
+    mix = MixtureSampler(MixtureConfig(type="both"), 0)(batch(8)).images
     torch.testing.assert_close(flip(net(mix)), net(mix.flip(0)), rtol=1e-5, atol=1e-5)
 
 

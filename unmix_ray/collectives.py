@@ -1,13 +1,14 @@
-"""Small collective helpers shared by the methods; each is the identity on a single process.
+"""Every distributed helper of the project, in one place; each is the identity on a single process.
 
-Gradients flow through ``gather_with_grad`` (unmix_ray.losses.nt_xent) only; the helpers here are for
-tensors that carry none: momentum keys, Sinkhorn sums, shuffle permutations.
+Gradients flow through ``gather_with_grad`` only; the other helpers are for tensors that carry none:
+momentum keys, Sinkhorn sums, shuffle permutations, loss sums, evaluation features.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
 
 
 def world_size() -> int:
@@ -16,6 +17,17 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' ``x`` concatenated (gradients flow back to each owner) and this rank's offset."""
+    if not is_distributed():
+        return x, 0
+    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
 
 
 @torch.no_grad()
@@ -34,6 +46,34 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(x)
     return x
+
+
+@torch.no_grad()
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks; returns ``x``."""
+    if world_size() > 1:
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+@torch.no_grad()
+def max_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks; returns ``x``."""
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+@torch.no_grad()
+def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows of a dataset sharded round-robin over ranks (rank r holds items r, r + W, ..., the last
+    shard padded by wrapping around), back in dataset order on every rank, padding dropped."""
+    if world_size() == 1:
+        return x[:n]
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)[:n]
 
 
 @torch.no_grad()

@@ -106,9 +106,27 @@ def to_imageset(parts: list[tuple[np.ndarray, np.ndarray]], num_classes: int) ->
     return ImageSet(images, torch.from_numpy(labels), num_classes)
 
 
-def present(root: str | Path) -> bool:
+def has_file(root: str | Path, dirname: str, name: str) -> bool:
+    """Whether ``name`` is in ``root/dirname`` or in ``root`` itself."""
     root = Path(root).expanduser()
-    return any((d / META).exists() for d in (root / DIR, root))
+    return any((d / name).exists() for d in (root / dirname, root))
+
+
+def torchvision_download(root: str | Path, dataset_class: str, calls: list[dict[str, Any]], dataset: str,
+                         layout: str) -> None:
+    """``torchvision.datasets.<dataset_class>(root, download=True, **kw)`` for each ``kw`` of ``calls``."""
+    import torchvision
+
+    try:
+        for kw in calls:
+            getattr(torchvision.datasets, dataset_class)(str(root), download=True, **kw)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        raise DatasetError(dataset, root, f"torchvision download failed ({e}); without internet, provide the "
+                           "files or an S3 source", layout) from e
+
+
+def present(root: str | Path) -> bool:
+    return has_file(root, DIR, META)
 
 
 def load(root: str | Path, split: str, **_: Any) -> ImageSet:
@@ -118,3 +136,8 @@ def load(root: str | Path, split: str, **_: Any) -> ImageSet:
     check_names(d / META, "label_names", NUM_CLASSES, NAME, LAYOUT)
     return to_imageset([read_batch(d / f, "labels", NUM_CLASSES, NAME, LAYOUT) for f in SPLITS[split]],
                        NUM_CLASSES)
+
+
+def download(root: str | Path) -> None:
+    """Fetch the dataset with torchvision into ``root`` (needs internet)."""
+    torchvision_download(root, "CIFAR10", [{"train": True}, {"train": False}], NAME, LAYOUT)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from unmix_ray.data.cifar10 import check_names, find_dir, read_batch, to_imageset
+from unmix_ray.data.cifar10 import check_names, find_dir, has_file, read_batch, to_imageset, torchvision_download
 from unmix_ray.data.errors import DatasetError
 from unmix_ray.data.imageset import ImageSet
 
@@ -25,8 +25,7 @@ LAYOUT = """<root>/cifar-100-python/   (or <root> itself; the folder in cifar-10
 
 
 def present(root: str | Path) -> bool:
-    root = Path(root).expanduser()
-    return any((d / META).exists() for d in (root / DIR, root))
+    return has_file(root, DIR, META)
 
 
 def load(root: str | Path, split: str, **_: Any) -> ImageSet:
@@ -35,3 +34,8 @@ def load(root: str | Path, split: str, **_: Any) -> ImageSet:
     d = find_dir(root, DIR, META, NAME, LAYOUT)
     check_names(d / META, "fine_label_names", NUM_CLASSES, NAME, LAYOUT)
     return to_imageset([read_batch(d / split, "fine_labels", NUM_CLASSES, NAME, LAYOUT)], NUM_CLASSES)
+
+
+def download(root: str | Path) -> None:
+    """Fetch the dataset with torchvision into ``root`` (needs internet)."""
+    torchvision_download(root, "CIFAR100", [{"train": True}, {"train": False}], NAME, LAYOUT)

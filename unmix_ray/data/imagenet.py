@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,11 +28,13 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from unmix_ray.concurrency import run_parallel
 from unmix_ray.data.errors import DatasetError
 from unmix_ray.data.images import cached_arrays, decode_one, default_workers, files_key, read_bytes
 from unmix_ray.data.imageset import ImageSet
 
 NAME = "imagenet"
+STREAMED = True  # unmix_ray.data.image_loader streams it through ``stream``
 SPLITS = ("train", "val")
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 MAX_IN_MEMORY = 20_000  # images; 256x256 RGB is 196 kB each
@@ -166,10 +167,26 @@ def load(root: str | Path, split: str, workers: int | None = None, image_size: i
             for i in range(start, min(start + step, len(files))):
                 out[i] = data[i][0]
 
-        with ThreadPoolExecutor(n) as pool:
-            for f in [pool.submit(run, s) for s in range(0, len(files), step)]:
-                f.result()
+        run_parallel(run, range(0, len(files), step), n)
         return out, torch.from_numpy(labels.astype(np.int64))
 
     images, label_t = cached_arrays(folder.parent, f"{NAME}-{split}-{image_size}", files_key(paths), build)
     return ImageSet(images, label_t, len(classes))
+
+
+def stream(root: str | Path, splits: list[str], *, mode: Mode, image_size: int, crop_size: int,
+           subset: int | None = None, seed: int = 0, **_: Any) -> tuple[ImageFolderStream, int]:
+    """The files of ``splits`` as one streamed dataset (a seeded ``subset`` of them) and the class count."""
+    files, labels = [], []
+    num_classes = 0
+    for s in splits:
+        folder, classes, f, lab = scan(root, s)
+        num_classes = len(classes)
+        files.append(np.char.add(f"{folder.name}/".encode(), f))
+        labels.append(lab)
+    files_all, labels_all = np.concatenate(files), np.concatenate(labels)
+    if subset is not None and subset < len(files_all):
+        perm = torch.randperm(len(files_all), generator=torch.Generator().manual_seed(seed))
+        keep = np.sort(perm[:subset].numpy())
+        files_all, labels_all = files_all[keep], labels_all[keep]
+    return ImageFolderStream(Path(root).expanduser(), files_all, labels_all, mode, image_size, crop_size), num_classes

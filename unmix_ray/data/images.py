@@ -11,13 +11,13 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from unmix_ray.concurrency import file_lock, run_parallel
 from unmix_ray.data.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -75,18 +75,8 @@ def decode_fixed_size(paths: Sequence[Path], size: int, dataset: str, layout: st
                                    f"{size}x{size}", layout)
             out[start + i] = img
 
-    _run(run, range(0, len(paths), CHUNK), default_workers(workers))
+    run_parallel(run, range(0, len(paths), CHUNK), default_workers(workers))
     return out
-
-
-def _run(fn: Callable[[int], None], starts: range, workers: int) -> None:
-    if workers <= 1 or len(starts) <= 1:
-        for s in starts:
-            fn(s)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(fn, s) for s in starts]:
-            f.result()
 
 
 def files_key(paths: Sequence[Path], extra: str = "") -> str:
@@ -105,8 +95,6 @@ def cached_arrays(root: Path, name: str, key: str, build: Callable[[], Arrays]) 
     """``build()`` once per node: its (images, labels) are saved under ``root/.unmix_cache`` and later
     loads (other trials, other workers of the same node) read them back. Several processes starting
     together wait for the first one to finish. Without a writable ``root`` it just builds."""
-    from unmix_ray.data.staging import file_lock
-
     cache = root / CACHE_DIR
     try:
         cache.mkdir(exist_ok=True)

@@ -25,268 +25,59 @@ boto3 reads itself) points it at an S3-compatible store.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tarfile
 import threading
-import time
 import zipfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit, urlunsplit
 
+from unmix_ray.concurrency import file_lock, run_parallel
 from unmix_ray.data.errors import DatasetError
+from unmix_ray.storage import (
+    DEFAULT_PART_SIZE,
+    ObjectChanged,
+    ObjectMismatch,
+    RemoteObject,
+    etag_matches,
+    fetch_object,
+    parse_s3_url,
+    redact_endpoint,
+    s3_client,
+)
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 STATE_DIR = ".unmix_stage"
 MANIFEST_VERSION = 1
-DEFAULT_PART_SIZE = 64 * 2**20
-PART_ATTEMPTS = 4  # tries per part on network errors
-# Part sizes tried when checking a multipart ETag (boto3's default first, then common tool defaults).
-MULTIPART_GUESSES = tuple(m * 2**20 for m in (8, 5, 16, 15, 32, 64, 100, 128, 256, 512, 1024))
-
 LAYOUT = """s3://bucket/prefix/...               a tree of objects, copied to <root>/... (same relative paths)
 s3://bucket/key.tar[.gz]|.tgz|.zip   one archive, extracted into <root>
 (credentials: environment or instance role; endpoint: endpoint_url or $AWS_ENDPOINT_URL_S3)"""
-
-
-@dataclass(frozen=True)
-class RemoteObject:
-    key: str
-    rel: str  # path under the destination (the archive's own file name for an archive)
-    size: int
-    etag: str
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix")."""
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise ValueError(f"not an s3:// URL: {url!r}")
-    return parts.netloc, parts.path.lstrip("/")
-
-
-def redact(url: str | None) -> str:
-    """A URL fit for logs: any user:password@ part is dropped."""
-    if not url:
-        return "(default endpoint)"
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def is_archive(key: str) -> bool:
     return key.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def make_client(endpoint_url: str | None = None, max_connections: int = 16):
-    """An S3 client with the default credential chain; retries with backoff on throttling."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(retries={"max_attempts": 10, "mode": "adaptive"}, max_pool_connections=max_connections)
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
-
-
-# ---- locking ---------------------------------------------------------------------------------------------
-
-@contextmanager
-def file_lock(path: Path, timeout_s: float | None = None, what: str = "") -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed); wait for it, logging once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        start = time.monotonic()
-        logged = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not logged:
-                    log.info("waiting for another process on this node (%s; lock %s)", what or "busy", path)
-                    logged = True
-                if timeout_s is not None and time.monotonic() - start > timeout_s:
-                    raise TimeoutError(f"waited {timeout_s:.0f} s for the lock {path}") from None
-                time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-# ---- ETags -----------------------------------------------------------------------------------------------
-
-def _md5_of_range(path: Path, start: int, length: int) -> bytes:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = length
-        while left > 0:
-            block = f.read(min(left, 8 * 2**20))
-            if not block:
-                break
-            h.update(block)
-            left -= len(block)
-    return h.digest()
-
-
-def etag_matches(path: Path, etag: str, size: int) -> bool | None:
-    """Whether ``path`` hashes to the S3 ETag; None when the ETag cannot be checked (unknown scheme)."""
-    etag = etag.strip('"')
-    if re.fullmatch(r"[0-9a-f]{32}", etag):
-        return _md5_of_range(path, 0, size).hex() == etag
-    m = re.fullmatch(r"([0-9a-f]{32})-(\d+)", etag)
-    if not m:
-        return None  # e.g. SSE-KMS objects: the ETag is not an MD5
-    digest, parts = m.group(1), int(m.group(2))
-    fits = [p for p in MULTIPART_GUESSES if (parts - 1) * p < size <= parts * p]
-    ceil_mib = -(-size // parts // 2**20) * 2**20
-    if (parts - 1) * ceil_mib < size <= parts * ceil_mib and ceil_mib not in fits:
-        fits.append(ceil_mib)
-    if not fits:
-        return None
-    for part in fits:
-        h = hashlib.md5()
-        for i in range(parts):
-            h.update(_md5_of_range(path, i * part, min(part, size - i * part)))
-        if h.hexdigest() == digest:
-            return True
-    return False
-
-
-# ---- one object ------------------------------------------------------------------------------------------
-
-def _read_done(path: Path, header: str) -> set[int]:
-    """Part numbers recorded in a ``.part.done`` file written with the same ``header`` (part size, ETag)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return set()
-    if not lines or lines[0] != header:
-        return set()
-    return {int(x) for x in lines[1:] if x.strip().isdigit()}
-
-
-class _ShortRead(OSError):
-    pass
-
-
-def _transient() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import BotoCoreError
-    from urllib3.exceptions import HTTPError
-
-    return BotoCoreError, HTTPError, ConnectionError, TimeoutError, _ShortRead
-
-
-def fetch_object(client, bucket: str, obj: RemoteObject, path: Path, part_size: int = DEFAULT_PART_SIZE,
-                 threads: int = 1, dataset: str = "dataset") -> None:
-    """Download ``obj`` to ``path`` through ``path.part`` (resuming from ``path.part.done``), verified.
-
-    A part cut by a network error is fetched again (``PART_ATTEMPTS`` tries, with backoff); a process
-    that dies leaves the ``.part`` and ``.part.done`` files for the next call to resume from.
-    """
-    from botocore.exceptions import ClientError
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part_path = path.with_name(path.name + ".part")
-    done_path = path.with_name(path.name + ".part.done")
-    nparts = max(1, -(-obj.size // part_size))
-    header = f"part_size={part_size} etag={obj.etag}"
-    done = set()
-    if part_path.exists() and part_path.stat().st_size == obj.size:
-        done = _read_done(done_path, header)
-    if not done:
-        with open(part_path, "wb") as f:
-            f.truncate(obj.size)
-        done_path.write_text(header + "\n")
-    else:
-        log.info("resuming s3://%s/%s: %d of %d parts already here", bucket, obj.key, len(done), nparts)
-    pending = [i for i in range(nparts) if i not in done]
-    record = threading.Lock()
-    transient = _transient()
-
-    def get_range(lo: int, hi: int) -> None:
-        try:
-            resp = client.get_object(Bucket=bucket, Key=obj.key, Range=f"bytes={lo}-{hi}", IfMatch=obj.etag)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "412"):
-                raise DatasetError(dataset, f"s3://{bucket}/{obj.key}",
-                                   "the object changed while it was being staged; run again", LAYOUT) from e
-            raise
-        fd = os.open(part_path, os.O_WRONLY)
-        try:
-            offset = lo
-            for block in resp["Body"].iter_chunks(2**20):
-                os.pwrite(fd, block, offset)
-                offset += len(block)
-        finally:
-            os.close(fd)
-        if offset != hi + 1:
-            raise _ShortRead(f"short read of bytes {lo}-{hi}: got {offset - lo} bytes")
-
-    def get_part(i: int) -> None:
-        if obj.size == 0:
-            return
-        lo = i * part_size
-        hi = min(obj.size, lo + part_size) - 1
-        for attempt in range(1, PART_ATTEMPTS + 1):
-            try:
-                get_range(lo, hi)
-                break
-            except transient as e:
-                if attempt == PART_ATTEMPTS:
-                    raise
-                log.warning("s3://%s/%s bytes %d-%d: %s; fetching the part again (%d/%d)", bucket, obj.key,
-                            lo, hi, type(e).__name__, attempt, PART_ATTEMPTS - 1)
-                time.sleep(min(30.0, 0.5 * 2**attempt))
-        with record, open(done_path, "a") as f:
-            f.write(f"{i}\n")
-
-    if threads > 1 and len(pending) > 1:
-        with ThreadPoolExecutor(min(threads, len(pending))) as pool:
-            list(pool.map(get_part, pending))
-    else:
-        for i in pending:
-            get_part(i)
-    if part_path.stat().st_size != obj.size or etag_matches(part_path, obj.etag, obj.size) is False:
-        part_path.unlink(missing_ok=True)
-        done_path.unlink(missing_ok=True)
-        raise _Mismatch(f"s3://{bucket}/{obj.key}: the bytes fetched do not match size {obj.size} / "
-                        f"ETag {obj.etag}")
-    os.replace(part_path, path)
-    done_path.unlink(missing_ok=True)
-
-
 def _fetch_verified(client, bucket: str, obj: RemoteObject, path: Path, part_size: int, threads: int,
                     dataset: str) -> None:
     try:
-        fetch_object(client, bucket, obj, path, part_size, threads, dataset)
-    except _Mismatch as e:
-        log.warning("%s; fetching it again", e)
         try:
-            fetch_object(client, bucket, obj, path, part_size, threads, dataset)
-        except _Mismatch as e2:
-            raise DatasetError(dataset, f"s3://{bucket}/{obj.key}", f"checksum mismatch twice ({e2})",
-                               LAYOUT) from e2
+            fetch_object(client, bucket, obj, path, part_size, threads)
+        except ObjectMismatch as e:
+            log.warning("%s; fetching it again", e)
+            try:
+                fetch_object(client, bucket, obj, path, part_size, threads)
+            except ObjectMismatch as e2:
+                raise DatasetError(dataset, f"s3://{bucket}/{obj.key}", f"checksum mismatch twice ({e2})",
+                                   LAYOUT) from e2
+    except ObjectChanged as e:
+        raise DatasetError(dataset, f"s3://{bucket}/{obj.key}", "the object changed while it was being staged; "
+                           "run again", LAYOUT) from e
 
 
 # ---- listing, manifest -----------------------------------------------------------------------------------
@@ -397,7 +188,7 @@ def stage(source: str, dest: str | Path, *, endpoint_url: str | None = None, dat
     dest = Path(dest).expanduser()
     state = dest / STATE_DIR
     with file_lock(state / "lock", lock_timeout_s, f"staging {source}"):
-        client = client or make_client(endpoint_url, max_connections=max(10, 2 * threads))
+        client = client or s3_client(endpoint_url, max_connections=max(10, 2 * threads))
         manifest = _read_manifest(state / "manifest.json")
         if manifest and manifest.get("source") != source:
             manifest = None
@@ -418,7 +209,7 @@ def stage(source: str, dest: str | Path, *, endpoint_url: str | None = None, dat
             log.warning("%s: %d staged file(s) missing or altered in %s (e.g. %s); fetching again",
                         dataset, len(stale), dest, stale[0])
         log.info("%s: staging %s (%s, %d object(s), %.1f MB) from %s into %s", dataset, source, kind,
-                 len(objects), sum(o.size for o in objects) / 1e6, redact(endpoint_url), dest)
+                 len(objects), sum(o.size for o in objects) / 1e6, redact_endpoint(endpoint_url), dest)
         if kind == "archive":
             files = _stage_archive(client, bucket, objects[0], dest, part_size, threads, dataset,
                                    keep_archive)
@@ -495,19 +286,9 @@ def _stage_tree(client, bucket: str, objects: list[RemoteObject], dest: Path, pa
                 jf.write(json.dumps({"rel": o.rel, "v": entry}) + "\n")
                 jf.flush()
 
-        _run_all(one, to_fetch, threads)
+        run_parallel(one, to_fetch, threads)
     journal.unlink(missing_ok=True)
     return dict(sorted(files.items()))
-
-
-def _run_all(fn: Callable[[RemoteObject], None], items: list[RemoteObject], threads: int) -> None:
-    if threads <= 1 or len(items) <= 1:
-        for it in items:
-            fn(it)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(fn, it) for it in items]:
-            f.result()
 
 
 def _stage_archive(client, bucket: str, obj: RemoteObject, dest: Path, part_size: int, threads: int,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unmix_ray.data.cifar10 import find_dir
+from unmix_ray.data.cifar10 import find_dir, has_file, torchvision_download
 from unmix_ray.data.errors import DatasetError
 from unmix_ray.data.imageset import ImageSet
 
@@ -66,8 +66,7 @@ def read_labels(path: Path, n: int) -> torch.Tensor:
 
 
 def present(root: str | Path) -> bool:
-    root = Path(root).expanduser()
-    return any((d / "test_X.bin").exists() for d in (root / DIR, root))
+    return has_file(root, DIR, "test_X.bin")
 
 
 def load(root: str | Path, split: str, **_: Any) -> ImageSet:
@@ -86,3 +85,8 @@ def load(root: str | Path, split: str, **_: Any) -> ImageSet:
     else:
         labels = read_labels(d / labels_file, images.shape[0])
     return ImageSet(images, labels, NUM_CLASSES)
+
+
+def download(root: str | Path) -> None:
+    """Fetch the dataset with torchvision into ``root`` (2.6 GB; needs internet)."""
+    torchvision_download(root, "STL10", [{"split": s} for s in ("train", "test", "unlabeled")], NAME, LAYOUT)

@@ -10,16 +10,9 @@ loss on the concatenated global batch.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
 
-
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' ``x`` concatenated (gradients flow back to each owner) and this rank's offset."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+from unmix_ray.collectives import gather_with_grad
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:

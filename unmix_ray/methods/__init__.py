@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from unmix_ray.config import MethodConfig
+from unmix_ray.config import MethodConfig, build
 from unmix_ray.methods.base import SSLMethod
 from unmix_ray.methods.byol import BYOL
 from unmix_ray.methods.moco import MoCoV1, MoCoV2
 from unmix_ray.methods.simclr import SimCLR
 from unmix_ray.methods.swav import SwAV
-from unmix_ray.schema import build
 
 METHODS: dict[str, type[SSLMethod]] = {
     "simclr": SimCLR,

@@ -21,29 +21,24 @@ The target moves once per optimiser step, in ``after_step``, with the cosine sch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from unmix_ray.config import Model
 from unmix_ray.losses.byol import normalized_mse
 from unmix_ray.methods.base import SSLMethod, ema_update, frozen_copy
 from unmix_ray.models import mlp
 
 
-@dataclass(frozen=True)
-class BYOLParams:
-    proj_hidden: int = 1024
-    proj_dim: int = 64
-    pred_hidden: int = 1024
-    tau_base: float = 0.99
+class BYOLParams(Model):
+    proj_hidden: int = Field(1024, ge=1)
+    proj_dim: int = Field(64, ge=1)
+    pred_hidden: int = Field(1024, ge=1)
+    tau_base: float = Field(0.99, ge=0.0, le=1.0)
     mix_branches: Literal["online", "both"] = "both"
-
-    def problems(self) -> list[str]:
-        if not 0.0 <= self.tau_base <= 1.0:
-            return [f"tau_base: must be in [0, 1], got {self.tau_base}"]
-        return []
 
 
 class BYOLOutput(NamedTuple):

@@ -28,55 +28,43 @@ start of the next forward, since nothing reads the key encoder in between.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from unmix_ray.collectives import all_gather_no_grad, shuffled_forward
+from unmix_ray.config import Model
 from unmix_ray.losses.info_nce import info_nce
 from unmix_ray.methods.base import SSLMethod, ema_update, frozen_copy
 from unmix_ray.models import mlp
 from unmix_ray.unmix import Mixture, UnmixLoss, cutmix, mixup, unmix_objective
 
 
-@dataclass(frozen=True)
-class MoCoParams:
-    proj_hidden: int | None = None  # null: one linear layer (v1); an int: Linear-ReLU-Linear (v2)
-    proj_dim: int = 128
-    temperature: float = 0.1
-    queue_size: int = 4096
-    momentum: float = 0.99
+class MoCoParams(Model):
+    proj_hidden: int | None = Field(None, ge=1)  # null: one linear layer (v1); an int: Linear-ReLU-Linear (v2)
+    proj_dim: int = Field(128, ge=1)
+    temperature: float = Field(0.1, gt=0.0)
+    queue_size: int = Field(4096, ge=1)
+    momentum: float = Field(0.99, ge=0.0, le=1.0)
     symmetric: bool = False
     shuffle_bn: bool = True
 
-    def problems(self) -> list[str]:
-        out = []
-        if self.queue_size < 1:
-            out.append(f"queue_size: must be >= 1, got {self.queue_size}")
-        if not 0.0 <= self.momentum <= 1.0:
-            out.append(f"momentum: must be in [0, 1], got {self.momentum}")
-        if self.temperature <= 0:
-            out.append(f"temperature: must be > 0, got {self.temperature}")
-        return out
 
-
-@dataclass(frozen=True)
 class MoCoV1Params(MoCoParams):
     """The Un-Mix MoCo CIFAR recipe (a v1 model: linear head)."""
 
 
-@dataclass(frozen=True)
 class MoCoV2Params(MoCoParams):
     """The MoCo v2 ImageNet recipe: MLP head 2048-2048-128, T 0.2, queue 65536, m 0.999."""
 
-    proj_hidden: int | None = 2048
-    temperature: float = 0.2
-    queue_size: int = 65536
-    momentum: float = 0.999
+    proj_hidden: int | None = Field(2048, ge=1)
+    temperature: float = Field(0.2, gt=0.0)
+    queue_size: int = Field(65536, ge=1)
+    momentum: float = Field(0.999, ge=0.0, le=1.0)
 
 
 class Query(NamedTuple):

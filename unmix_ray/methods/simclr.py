@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from pydantic import Field
 from torch import nn
 
+from unmix_ray.config import Model
 from unmix_ray.losses.nt_xent import nt_xent
 from unmix_ray.methods.base import SSLMethod
 from unmix_ray.models import mlp
 
 
-@dataclass(frozen=True)
-class SimCLRParams:
-    temperature: float = 0.5
-    proj_hidden: int = 1024
-    proj_dim: int = 64
+class SimCLRParams(Model):
+    temperature: float = Field(0.5, gt=0.0)
+    proj_hidden: int = Field(1024, ge=1)
+    proj_dim: int = Field(64, ge=1)
     gather_negatives: bool = True  # negatives from every worker's batch (global-batch NT-Xent)
 
 

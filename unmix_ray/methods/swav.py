@@ -13,36 +13,26 @@ every optimiser step (``after_step``), as SwAV does before each forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from unmix_ray.config import Model
 from unmix_ray.losses.swav import sinkhorn, swapped_prediction
 from unmix_ray.methods.base import SSLMethod
 from unmix_ray.models import mlp
 
 
-@dataclass(frozen=True)
-class SwAVParams:
-    proj_hidden: int = 512
-    proj_dim: int = 128
-    n_prototypes: int = 100
-    temperature: float = 0.1
-    sinkhorn_eps: float = 0.05
-    sinkhorn_iters: int = 3
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.n_prototypes < 2:
-            out.append(f"n_prototypes: need at least 2, got {self.n_prototypes}")
-        if self.sinkhorn_iters < 1:
-            out.append(f"sinkhorn_iters: need at least 1, got {self.sinkhorn_iters}")
-        if self.sinkhorn_eps <= 0 or self.temperature <= 0:
-            out.append("sinkhorn_eps and temperature must be > 0")
-        return out
+class SwAVParams(Model):
+    proj_hidden: int = Field(512, ge=1)
+    proj_dim: int = Field(128, ge=1)
+    n_prototypes: int = Field(100, ge=2)
+    temperature: float = Field(0.1, gt=0.0)
+    sinkhorn_eps: float = Field(0.05, gt=0.0)
+    sinkhorn_iters: int = Field(3, ge=1)
 
 
 class SwAVOutput(NamedTuple):

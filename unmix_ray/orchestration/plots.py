@@ -17,7 +17,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
@@ -25,16 +24,16 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.evaluation import METRIC_SPECS, PROTOCOL_TAG, metric_protocol
-from unmix_ray.report import (
+from unmix_ray.orchestration.results import (
     BASELINE,
-    GROUP,
+    TABLE_METRICS,
     UNTRAINED,
+    ResultRow,
     ResultsTable,
     build_results,
-    protocol_column,
-    trial_runs,
     variant_key,
 )
+from unmix_ray.orchestration.tracking import trial_runs
 
 PLOTS_DIR = "plots"
 LOSS_METRICS = ("loss", "loss_clean", "loss_mixed")
@@ -79,7 +78,7 @@ def log_run_plots(client: MlflowClient, run_id: str) -> str | None:
     if points:
         ax_acc.plot(*zip(*points), marker="o", ms=3, label="kNN monitor (bank: pretraining images)")
     notes = []
-    for i, name in enumerate(("knn_top1", "linear_top1", "linear_paper_top1_last", "linear_paper_top1_best")):
+    for i, name in enumerate(TABLE_METRICS):
         if name in run.data.metrics:
             value = run.data.metrics[name]
             ax_acc.axhline(value, ls="--", lw=1, color=f"C{i + 1}",
@@ -94,43 +93,45 @@ def log_run_plots(client: MlflowClient, run_id: str) -> str | None:
     return _log_figure(client, run_id, fig, "curves.png")
 
 
-def _groups(rows: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
-    return [(key, g) for key, g in rows.groupby(GROUP, sort=True)]
+def _groups(table: ResultsTable) -> list[tuple[tuple[str, str, str], list[ResultRow]]]:
+    groups: dict[tuple[str, str, str], list[ResultRow]] = {}
+    for r in table.records:
+        groups.setdefault(r.group, []).append(r)
+    return sorted(groups.items())
 
 
-def _protocol_text(rows: pd.DataFrame, metric: str) -> str:
-    col = protocol_column(metric)
-    texts = sorted({t for t in rows.get(col, pd.Series(dtype=object)).dropna() if t})
+def _protocol_text(table: ResultsTable, metric: str) -> str:
+    texts = sorted({r.protocol(metric) for r in table.records if r.protocol(metric)})
     return "protocol: " + " | ".join(metric_protocol(metric, t) for t in texts) if texts else ""
 
 
-def delta_heatmap(rows: pd.DataFrame, metric: str) -> Figure | None:
+def delta_heatmap(table: ResultsTable, metric: str) -> Figure | None:
     """Δ to the baseline over (mixture type, P), one panel per dataset/method/backbone: mixup and cutmix
     alone do not use P (column "-"); ``both`` has one column per P. Cells: Δ and its 95% CI half-width."""
-    groups = [(k, g) for k, g in _groups(rows) if g[f"delta_{metric}"].notna().any()]
+    groups = [(k, g) for k, g in _groups(table) if any(not math.isnan(r.cells[metric].delta.value) for r in g)]
     if not groups:
         return None
     fig = Figure(figsize=(4.8 * len(groups) + 1.5, 4.2), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)
-    spread = np.nanmax(np.abs(rows[f"delta_{metric}"].astype(float))) or 1.0
+    spread = np.nanmax(np.abs([r.cells[metric].delta.value for r in table.records])) or 1.0
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-spread, vmax=spread)
     image = None
     for ax, (key, g) in zip(axes[0], groups):
-        probs = sorted({float(v.split("@")[1]) for v in g["variant"] if v.startswith("both@")})
+        probs = sorted({float(r.variant.split("@")[1]) for r in g if r.variant.startswith("both@")})
         cols = ["-"] + [f"{p:g}" for p in probs]
         grid = np.full((len(MIXTURE_TYPES), len(cols)), np.nan)
         labels = [["" for _ in cols] for _ in MIXTURE_TYPES]
-        for r in g.to_dict("records"):
-            kind, _, p = r["variant"].partition("@")
+        for r in g:
+            kind, _, p = r.variant.partition("@")
             if kind not in MIXTURE_TYPES:
                 continue
             i, j = MIXTURE_TYPES.index(kind), (cols.index(f"{float(p):g}") if p else 0)
-            d = r[f"delta_{metric}"]
-            if d is None or math.isnan(d):
-                labels[i][j] = "stopped" if r.get("stopped") else ""
+            d = r.cells[metric].delta.value
+            if math.isnan(d):
+                labels[i][j] = "stopped" if r.stopped else ""
                 continue
             grid[i, j] = d
-            half = r[f"delta_{metric}_ci_high"] - d
+            half = r.cells[metric].delta.high - d
             labels[i][j] = f"{d:+.2f}" + (f"\n±{half:.2f}" if not math.isnan(half) else "")
         image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu", norm=norm, aspect="auto")
         ax.set_facecolor("0.9")
@@ -145,40 +146,40 @@ def delta_heatmap(rows: pd.DataFrame, metric: str) -> Figure | None:
     fig.colorbar(image, ax=axes[0].tolist(), label=f"Δ {METRIC_SPECS[metric].label} vs none (points)")
     fig.suptitle(f"Un-Mix minus baseline: {METRIC_SPECS[metric].label} (mean over seeds, ± 95% CI half-width)",
                  fontsize=10)
-    _caption(fig, _protocol_text(rows, metric))
+    _caption(fig, _protocol_text(table, metric))
     return fig
 
 
-def baseline_bars(rows: pd.DataFrame, metric: str) -> Figure | None:
+def baseline_bars(table: ResultsTable, metric: str) -> Figure | None:
     """Every variant's mean (error bar: std over seeds) per dataset/method/backbone: the untrained
     encoder, the baseline and each Un-Mix variant side by side."""
-    groups = [(k, g) for k, g in _groups(rows) if g[metric].notna().any()]
+    groups = [(k, g) for k, g in _groups(table) if any(not math.isnan(r.cells[metric].mean) for r in g)]
     if not groups:
         return None
     widths = [max(3.5, 0.8 * len(g)) for _, g in groups]
     fig = Figure(figsize=(sum(widths) + 1.0, 4.6), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False, width_ratios=widths)
     for ax, (key, g) in zip(axes[0], groups):
-        g = g.sort_values("variant", key=lambda s: s.map(variant_key))
-        colors = ["0.75" if v == UNTRAINED else "0.45" if v == BASELINE else f"C{i}"
-                  for i, v in enumerate(g["variant"])]
-        means = g[metric].astype(float).to_numpy()
-        errs = np.nan_to_num(g[f"{metric}_std"].astype(float).to_numpy())
+        g = sorted(g, key=lambda r: variant_key(r.variant))
+        colors = ["0.75" if r.variant == UNTRAINED else "0.45" if r.variant == BASELINE else f"C{i}"
+                  for i, r in enumerate(g)]
+        means = np.array([r.cells[metric].mean for r in g], dtype=float)
+        errs = np.nan_to_num(np.array([r.cells[metric].std for r in g], dtype=float))
         x = np.arange(len(g))
         finite = means[~np.isnan(means)]
         low = max(0.0, finite.min() - 10) if len(finite) else 0.0
         ax.set_ylim(low, min(100.0, (finite + errs[~np.isnan(means)]).max() + 6) if len(finite) else 100.0)
         ax.bar(x, np.nan_to_num(means, nan=low), yerr=errs, color=colors, capsize=3)
-        for xi, m, e, n in zip(x, means, errs, g[f"{metric}_n"]):
+        for xi, m, e, n in zip(x, means, errs, [r.cells[metric].n for r in g]):
             if math.isnan(m):
                 ax.text(xi, low + 1, "stopped", ha="center", va="bottom", fontsize=7, rotation=90)
             else:
                 ax.text(xi, m + e + 0.3, f"{m:.1f}\nn={n}", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(x, list(g["variant"]), rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, [r.variant for r in g], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"{METRIC_SPECS[metric].label} (%)")
         ax.set_title("/".join(key), fontsize=9)
     fig.suptitle(f"Baseline (none) vs Un-Mix: {METRIC_SPECS[metric].label}, mean ± std over seeds", fontsize=10)
-    _caption(fig, _protocol_text(rows, metric))
+    _caption(fig, _protocol_text(table, metric))
     return fig
 
 
@@ -189,15 +190,14 @@ def log_sweep_plots(client: MlflowClient, parent_run_id: str, uri: str, experime
     table (``table``, or built here). Returns the artifact paths logged on the parent run."""
     table = table or build_results(uri, experiment, sweep_id)
     if per_run:
-        runs = trial_runs(uri, experiment, sweep_id)
-        for run_id in runs.get("run_id", []):
-            log_run_plots(client, run_id)
+        for run in trial_runs(uri, experiment, sweep_id):
+            log_run_plots(client, run.info.run_id)
     logged = []
-    if table.rows.empty:
+    if not table.records:
         return logged
     for metric in table.metrics:
         for name, make in (("delta_heatmap", delta_heatmap), ("baseline_vs_unmix", baseline_bars)):
-            fig = make(table.rows, metric)
+            fig = make(table, metric)
             if fig is not None:
                 logged.append(_log_figure(client, parent_run_id, fig, f"{name}_{metric}.png"))
     return logged

@@ -11,54 +11,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import pyarrow.fs
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from unmix_ray import tracking
-from unmix_ray.config import Sweep, TrialConfig, TuneSettings
-from unmix_ray.plan import driver_resources, runtime_cluster, sweep_max_concurrent
-from unmix_ray.plots import log_sweep_plots
-from unmix_ray.report import ResultsTable, build_results, log_results
-from unmix_ray.train_loop import train_loop_per_worker
+from unmix_ray.config import Sweep, TuneSettings
+from unmix_ray.orchestration import tracking
+from unmix_ray.orchestration.plots import log_sweep_plots
+from unmix_ray.orchestration.render import log_results
+from unmix_ray.orchestration.resources import driver_resources, runtime_cluster, sweep_max_concurrent
+from unmix_ray.orchestration.results import ResultsTable, build_results
+from unmix_ray.orchestration.trial import MlflowTrialStatus, SweepContext, run_trial
+from unmix_ray.storage import resolve_endpoint
 
 log = logging.getLogger(__name__)
 
 TRIAL_DRIVER = "trial_driver"  # custom resource: slots for trial drivers, on the head node
-
-
-@dataclass(frozen=True)
-class SweepContext:
-    """What every trial of one sweep instance shares."""
-
-    sweep_id: str
-    experiment_id: str
-    parent_run_id: str
-    tracking_uri: str
-    storage_path: str
-    storage_endpoint_url: str | None = None
-
-    def storage(self) -> tuple[str, pyarrow.fs.FileSystem | None]:
-        """Ray's (storage_path, storage_filesystem): S3 paths get an explicit filesystem so that an
-        S3-compatible endpoint can be used; credentials come from the environment or instance role."""
-        if not self.storage_path.startswith("s3://"):
-            return self.storage_path, None
-        endpoint = self.storage_endpoint_url
-        if not endpoint:
-            return self.storage_path, None
-        fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme=urlsplit(endpoint).scheme or "https",
-                                     region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-        return self.storage_path.removeprefix("s3://"), fs
 
 
 def new_sweep_id(name: str) -> str:
@@ -67,65 +39,6 @@ def new_sweep_id(name: str) -> str:
 
 def default_storage_path() -> str:
     return str(Path("~/ray_results/unmix").expanduser())
-
-
-def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None:
-    """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run.
-    ``trials`` (every trial's config, by name) is put in Ray's object store once, not in each config."""
-    trial_dict = trials[config["run"]]
-    trial = TrialConfig.from_dict(trial_dict)
-    ctx = SweepContext(**config["context"])
-    client = MlflowClient(ctx.tracking_uri)
-    run_id = tracking.start_trial_run(client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial)
-    tc = trial.train
-    storage_path, storage_fs = ctx.storage()
-    per_worker = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"trial": trial_dict, "run_id": run_id, "tracking_uri": ctx.tracking_uri},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(
-            name=f"{ctx.sweep_id}--{trial.run_name}",
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    if result.checkpoint is not None:
-        scheme = "s3://" if ctx.storage_path.startswith("s3://") else ""
-        client.set_tag(run_id, tracking.TAG_CHECKPOINT, scheme + result.checkpoint.path)
-    client.set_terminated(run_id, status="FINISHED")
-
-
-class MlflowTrialStatus(tune.Callback):
-    """Ends a trial's MLflow run from the driver side when the trial itself could not: a trial that
-    errored is FAILED; one that Tune stopped (a scheduler's early stop) is KILLED."""
-
-    def __init__(self, uri: str, experiment_id: str, sweep_id: str):
-        self.uri, self.experiment_id, self.sweep_id = uri, experiment_id, sweep_id
-
-    def _end(self, trial: Any, status: str) -> None:
-        client = MlflowClient(self.uri)
-        runs = tracking.find_runs(client, self.experiment_id,
-                                  **{tracking.TAG_SWEEP_ID: self.sweep_id, tracking.TAG_TRIAL: trial.config["run"]})
-        for run in runs:
-            if run.info.status == "RUNNING":
-                # Stopped at its last report, after its final evaluation: it finished, nothing was cut.
-                done = status == "KILLED" and "linear_top1" in run.data.metrics
-                client.set_terminated(run.info.run_id, status="FINISHED" if done else status)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, "FAILED")
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, "KILLED")
 
 
 def driver_slot(settings: TuneSettings) -> dict[str, float]:
@@ -153,8 +66,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
     resuming = sweep_id is not None
     sweep_id = sweep_id or new_sweep_id(sweep.name)
     parent = tracking.start_sweep_run(client, exp_id, sweep.name, sweep_id, len(sweep.trials))
-    endpoint = settings.storage_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL")  # resolved once here, so the driver and every trial use the same store
+    endpoint = resolve_endpoint(settings.storage_endpoint_url)  # once here: the driver and every trial agree
     ctx = SweepContext(sweep_id, exp_id, parent, uri, settings.storage_path or default_storage_path(), endpoint)
     storage_path, storage_fs = ctx.storage()
     trainable = tune.with_resources(

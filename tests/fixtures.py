@@ -1,4 +1,5 @@
-"""Tiny copies of each dataset, written in the dataset's exact original on-disk format.
+"""Test data: tiny copies of each dataset, written in the dataset's exact original on-disk format, and
+the loaders of the datasets ``configs/datasets/`` declares (``DATASETS``: name -> its module's ``load``).
 
 ``write_fixture(name, root, n_per_class=2)`` writes a few images per class and returns the folder to
 use as the dataset's ``root`` (e.g. ``--set datasets.cifar10.root=<that>``); the real loaders read it
@@ -20,7 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torchvision.io import encode_jpeg, encode_png
+
+from unmix_ray.compose import known_names
+from unmix_ray.config import CONFIG_DIR, DatasetConfig
+from unmix_ray.data import dataset_module
+
+
+def _declared_loaders() -> dict:
+    out = {}
+    for name in known_names("datasets"):
+        data = yaml.safe_load((CONFIG_DIR / "datasets" / f"{name}.yaml").read_text())
+        out[name] = dataset_module(DatasetConfig.model_construct(**data)).load
+    return out
+
+
+DATASETS = _declared_loaders()
 
 REAL_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "tiny_imagenet": 200, "imagenet": 1000,
                 "fashion_mnist": 10}

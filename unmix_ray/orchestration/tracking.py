@@ -1,19 +1,20 @@
-"""MLflow bookkeeping: one parent run per sweep, one child run per trial, found again on resume.
+"""MLflow bookkeeping, and every MLflow query of the project: one parent run per sweep, one child run
+per trial, found again on resume.
 
 Runs are created and finished by the driver side (the sweep and each trial's Tune function); the
-rank-0 training worker only logs metrics into the known run id, so a restarted worker keeps writing
-into the same run. Tags (``unmix.*``) make runs findable; run names make them readable in the UI.
+rank-0 training worker only logs metrics into the known run id (``unmix_ray.train.logger``), so a
+restarted worker keeps writing into the same run. Tags (``unmix.*``) make runs findable; run names
+make them readable in the UI.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.config import TrialConfig
@@ -48,9 +49,48 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def find_runs(client: MlflowClient, exp_id: str, **tags: str) -> list:
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    return client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"])
+def search_all(client: MlflowClient, exp_id: str, query: str) -> list[Run]:
+    """Every run matching ``query``, newest first, over all result pages."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                                  max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_runs(client: MlflowClient, exp_id: str, **tags: str) -> list[Run]:
+    """Runs whose tags have these values, newest first."""
+    return search_all(client, exp_id, " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()))
+
+
+def trial_runs(uri: str, experiment: str, sweep_id: str | None) -> list[Run]:
+    """The trial runs of one sweep (or, with ``sweep_id`` None, of the whole experiment), newest first."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = f"tags.`{TAG_ROLE}` = 'trial'" + (f" and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'" if sweep_id else "")
+    return search_all(client, exp.experiment_id, query)
+
+
+def latest_sweep_id(uri: str, experiment: str, name: str | None = None) -> str | None:
+    """The newest sweep id in ``experiment``; ``name`` may be a sweep name or a sweep id. (MLflow's
+    search has no ``or``: the two are searched one after the other.)"""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = f"tags.`{TAG_ROLE}` = 'sweep'"
+    for extra in ([f" and tags.`{TAG_SWEEP_ID}` = '{name}'", f" and tags.`{TAG_SWEEP}` = '{name}'"] if name else [""]):
+        runs = client.search_runs([exp.experiment_id], query + extra, order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+        if runs:
+            return runs[0].data.tags[TAG_SWEEP_ID]
+    return None
 
 
 def start_sweep_run(client: MlflowClient, exp_id: str, sweep_name: str, sweep_id: str, n_trials: int) -> str:
@@ -88,51 +128,13 @@ def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep
     return run.info.run_id
 
 
-class RunLogger:
-    """Metrics into one known run id. When the tracking server is unreachable, training goes on: the
-    metrics are buffered (and the outage logged) and sent with the next call once it answers again."""
-
-    def __init__(self, uri: str, run_id: str):
-        # Fail fast per request and let this class do the retrying, so no training step waits on MLflow
-        # (the client's default retries back off for minutes).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self.client = MlflowClient(uri)
-        self.run_id = run_id
-        self.pending: list[Metric] = []
-        self.pending_tags: list[RunTag] = []
-        self.outage_since: float | None = None
-
-    def log(self, metrics: dict[str, float], step: int) -> bool:
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        return self.flush()
-
-    def set_tags(self, tags: dict[str, str]) -> bool:
-        self.pending_tags += [RunTag(k, v) for k, v in tags.items()]
-        return self.flush()
-
-    def flush(self, wait_s: float = 0.0, backoff_s: float = 2.0) -> bool:
-        """Send what is buffered; retry for up to ``wait_s`` seconds. True when nothing is left."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                while self.pending_tags:
-                    self.client.log_batch(self.run_id, tags=self.pending_tags[:100])
-                    self.pending_tags = self.pending_tags[100:]
-                while self.pending:
-                    self.client.log_batch(self.run_id, metrics=self.pending[:500])
-                    self.pending = self.pending[500:]
-                if self.outage_since is not None:
-                    log.warning("MLflow reachable again after %.0f s; buffered metrics sent",
-                                time.monotonic() - self.outage_since)
-                    self.outage_since = None
-                return True
-            except Exception as e:  # noqa: BLE001 - any transport error: keep training, send later
-                if self.outage_since is None:
-                    self.outage_since = time.monotonic()
-                log.warning("MLflow unreachable (%s); %d metrics buffered, training continues",
-                            type(e).__name__, len(self.pending))
-                if time.monotonic() + backoff_s > deadline:
-                    return False
-                time.sleep(backoff_s)
+def results_run(client: MlflowClient, experiment_id: str, experiment: str) -> str:
+    """The run that holds the table of a whole experiment (tag ``unmix.role=results``): found again,
+    or created, so that re-running the report updates one place."""
+    found = client.search_runs([experiment_id], f"tags.`{TAG_ROLE}` = 'results'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"results-{experiment}", tags={TAG_ROLE: "results"})
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id

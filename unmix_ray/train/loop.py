@@ -1,102 +1,34 @@
 """The Ray Train loop run by every worker: pretrain one method with (or without) Un-Mix, then evaluate.
 
-Per step: uint8 batch -> device -> two batched augmented views -> mixture of view 0 -> method forward
-(Un-Mix objective) -> backward -> step. Loss sums stay on the device; the host reads them once per
-epoch. Random streams (augmentation, mixture, batch order) are re-seeded from (seed, rank, epoch) at
-every epoch start, so a run resumed from an epoch checkpoint continues exactly as it would have.
+The step itself is ``unmix_ray.step.Pretrainer``; this loop adds what needs Ray and MLflow: the
+worker's rank and device, DDP, checkpoints through Ray Train (``unmix_ray.checkpoint`` writes and
+reads them), per-epoch reports (Tune schedulers decide on them) and rank 0's MLflow logging. Random
+streams (augmentation, mixture, batch order) are re-seeded from (seed, rank, epoch) at every epoch
+start, so a run resumed from an epoch checkpoint continues exactly as it would have.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
+from unmix_ray import checkpoint
 from unmix_ray.augment import BatchAugment
+from unmix_ray.collectives import mean_over_ranks
 from unmix_ray.config import TrialConfig
 from unmix_ray.data import image_loader
+from unmix_ray.evaluation import PROTOCOL_TAG, evaluate, knn_protocol, monitor_knn
 from unmix_ray.methods import build_method
-from unmix_ray.methods.base import SSLMethod
 from unmix_ray.models import build_backbone
 from unmix_ray.optim import build_optimizer, build_scheduler, scaled_lr
-from unmix_ray.tracking import RunLogger
-from unmix_ray.trial_eval import final_evaluation, monitor_knn
+from unmix_ray.step import NonFiniteLossError, Pretrainer, epoch_seed
+from unmix_ray.train.logger import RunLogger
 from unmix_ray.unmix import MixtureSampler
-
-CHECKPOINT_FILE = "state.pt"
-
-
-def epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, epoch, stream]).generate_state(1)[0])
-
-
-def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
-@dataclass
-class Pretrainer:
-    """One method's optimisation step, applied batch after batch: augment twice, mix view 0, forward the
-    Un-Mix objective, step. Shared by the Ray Train loop and the benchmarks, so both time the same code."""
-
-    model: torch.nn.Module  # the method, possibly wrapped (DDP) or compiled
-    method: SSLMethod
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    augment: BatchAugment
-    precision: str = "fp32"
-    channels_last: bool = False
-    nan_check_every: int = 50
-
-    def epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mixer: MixtureSampler,
-              device: torch.device, step0: int = 0, total_steps: int = 1, where: str = "") -> torch.Tensor:
-        """Train over ``batches`` of (uint8 images, labels); return the mean (total, clean, mixed) loss as
-        a device tensor. Raises NonFiniteLossError naming the step (``where`` says the rest)."""
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.model.train()
-        sums = torch.zeros(3, device=device)
-        first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, kept on the device
-        n = len(batches)
-        for step, (images, _) in enumerate(batches):
-            x = images.to(device, non_blocking=True)
-            x0 = self.augment(x).contiguous(memory_format=memory_format)
-            x1 = self.augment(x).contiguous(memory_format=memory_format)
-            mixture = mixer(x0)
-            with autocast:
-                out = self.model(x0, x1, mixture)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.method.after_step((step0 + step + 1) / total_steps)
-            parts = torch.stack([out.total.detach(), out.clean.detach(), out.mixed.detach()]).float()
-            sums += parts
-            first_bad = torch.where((first_bad < 0) & ~parts.isfinite().all(), step, first_bad)
-            if (step + 1) % self.nan_check_every == 0 or step + 1 == n:
-                if dist.is_available() and dist.is_initialized():  # every rank stops together, none hangs
-                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-                bad = int(first_bad.item())  # a host sync every nan_check_every steps only
-                if bad >= 0:
-                    raise NonFiniteLossError(f"non-finite loss at {where}step {bad + 1}")
-        return sums / max(1, n)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -145,7 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 logger.set_tags({"unmix.error": message})
             raise NonFiniteLossError(message) from None
         elapsed = time.perf_counter() - start
-        loss = _mean_over_ranks(mean_loss).tolist()
+        loss = mean_over_ranks(mean_loss).tolist()
         metrics = {
             "loss": loss[0], "loss_clean": loss[1], "loss_mixed": loss[2],
             "lr": scheduler.get_last_lr()[0], "lr_scaled": scaled_lr(trial.method.optim, tc.batch_size),
@@ -162,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics |= final_evaluation(method, trial, device, logger)
         ckpt = None
         if rank == 0 and ((epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs):
-            ckpt = save_checkpoint(method, optimizer, scheduler, epoch + 1, config)
+            ckpt = save(method, optimizer, scheduler, epoch + 1, config)
         if logger:
             logger.log(metrics, step=epoch + 1)
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch={epoch + 1:04d}" if ckpt else None,
@@ -173,35 +105,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ckpt = None
         if rank == 0:
             if tc.epochs == 0:  # keep the initial weights, for re-evaluation
-                ckpt = save_checkpoint(method, optimizer, scheduler, 0, config)
+                ckpt = save(method, optimizer, scheduler, 0, config)
         ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="epoch=0000" if ckpt else None,
                          delete_local_checkpoint_after_upload=True)
     if logger and not logger.flush(wait_s=600):
         raise RuntimeError(f"MLflow unreachable for 10 minutes; {len(logger.pending)} metrics not logged")
 
 
-def save_checkpoint(method: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
-                    config: dict[str, Any]) -> ray.train.Checkpoint:
-    """Everything needed to continue: method state (incl. queues, momentum encoders, prototypes),
-    optimiser, schedule, epoch, and the MLflow run id. RNG streams need no state: they are re-seeded
-    from (seed, rank, epoch) at every epoch start."""
-    ckpt_dir = tempfile.mkdtemp(prefix="unmix-ckpt-")
-    torch.save({"model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "run_id": config.get("run_id"),
-                "trial": config["trial"]}, os.path.join(ckpt_dir, CHECKPOINT_FILE))
-    return ray.train.Checkpoint.from_directory(ckpt_dir)
+def final_evaluation(method: torch.nn.Module, trial: TrialConfig, device: torch.device,
+                     logger: RunLogger | None) -> dict[str, float]:
+    """kNN and the configured linear protocols (``eval.linear_protocols``) on the full train split,
+    logged with the tags that name their protocols."""
+    ev, ds = trial.eval, trial.dataset
+    result = evaluate(method, trial, device, ("knn",) + tuple(ev.linear_protocols))
+    if logger:
+        logger.log(result.metrics, step=trial.train.epochs)
+        bank = f"{ds.train_split} split" + (f" (seeded subset of {ds.train_subset})" if ds.train_subset else "")
+        logger.set_tags(result.tags | {
+            PROTOCOL_TAG + "monitor_knn": knn_protocol(ev, bank=bank, encoder_at="each epoch"),
+        })
+    return result.metrics
+
+
+def save(method: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+         config: dict[str, Any]) -> ray.train.Checkpoint:
+    """A Ray Train checkpoint of everything needed to continue (see ``unmix_ray.checkpoint``)."""
+    folder = checkpoint.write(method, optimizer, scheduler, epoch, config.get("run_id"), config["trial"])
+    return ray.train.Checkpoint.from_directory(str(folder))
 
 
 def restore(method: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
             device: torch.device) -> int:
     """Load Ray Train's latest checkpoint (after a worker/node failure or a resumed run); the epoch to
     start from."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
         return 0
-    with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
-    method.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"]
+    with ckpt.as_directory() as d:
+        state = checkpoint.read(os.path.join(d, checkpoint.CHECKPOINT_FILE), map_location=device)
+    return checkpoint.load_into(state, method, optimizer, scheduler)

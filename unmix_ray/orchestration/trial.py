@@ -1,0 +1,101 @@
+"""One trial of a sweep, as Ray Tune runs it: a function trainable that builds a ``TorchTrainer`` for
+the trial's pretraining and evaluation and tracks it in one MLflow run, and the Tune callback that
+ends a trial's run from the driver side when the trial itself could not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from unmix_ray.config import TrialConfig
+from unmix_ray.orchestration import tracking
+from unmix_ray.orchestration.results import TABLE_METRICS
+from unmix_ray.storage import arrow_filesystem
+from unmix_ray.train.loop import train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of one sweep instance shares."""
+
+    sweep_id: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    storage_path: str
+    storage_endpoint_url: str | None = None
+
+    def storage(self) -> tuple[str, Any]:
+        """Ray's (storage_path, storage_filesystem): S3 paths on an S3-compatible endpoint get an explicit
+        filesystem; credentials come from the environment or instance role."""
+        if not (self.storage_path.startswith("s3://") and self.storage_endpoint_url):
+            return self.storage_path, None
+        fs, path = arrow_filesystem(self.storage_path, self.storage_endpoint_url)
+        return path, fs
+
+
+def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None:
+    """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run.
+    ``trials`` (every trial's config, by name) is put in Ray's object store once, not in each config."""
+    trial_dict = trials[config["run"]]
+    trial = TrialConfig.from_dict(trial_dict)
+    ctx = SweepContext(**config["context"])
+    client = MlflowClient(ctx.tracking_uri)
+    run_id = tracking.start_trial_run(client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial)
+    tc = trial.train
+    storage_path, storage_fs = ctx.storage()
+    per_worker = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"trial": trial_dict, "run_id": run_id, "tracking_uri": ctx.tracking_uri},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=f"{ctx.sweep_id}--{trial.run_name}",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    if result.checkpoint is not None:
+        scheme = "s3://" if ctx.storage_path.startswith("s3://") else ""
+        client.set_tag(run_id, tracking.TAG_CHECKPOINT, scheme + result.checkpoint.path)
+    client.set_terminated(run_id, status="FINISHED")
+
+
+class MlflowTrialStatus(tune.Callback):
+    """Ends a trial's MLflow run from the driver side when the trial itself could not: a trial that
+    errored is FAILED; one that Tune stopped (a scheduler's early stop) is KILLED."""
+
+    def __init__(self, uri: str, experiment_id: str, sweep_id: str):
+        self.uri, self.experiment_id, self.sweep_id = uri, experiment_id, sweep_id
+
+    def _end(self, trial: Any, status: str) -> None:
+        client = MlflowClient(self.uri)
+        runs = tracking.find_runs(client, self.experiment_id,
+                                  **{tracking.TAG_SWEEP_ID: self.sweep_id, tracking.TAG_TRIAL: trial.config["run"]})
+        for run in runs:
+            if run.info.status == "RUNNING":
+                # Stopped at its last report, after its final evaluation: it finished, nothing was cut.
+                done = status == "KILLED" and any(m in run.data.metrics for m in TABLE_METRICS[1:])
+                client.set_terminated(run.info.run_id, status="FINISHED" if done else status)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "FAILED")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "KILLED")
+
+

@@ -1,0 +1,76 @@
+"""The training step of every method, applied batch after batch: augment twice, mix view 0, forward the
+Un-Mix objective, step. The Ray Train loop, the benchmarks and the GPU check all run this code.
+
+Per step: uint8 batch -> device -> two batched augmented views -> mixture of view 0 -> method forward
+(Un-Mix objective) -> backward -> step. Loss sums stay on the device; the host reads them once per
+epoch, and checks for a non-finite loss every ``nan_check_every`` steps (one sync each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from unmix_ray.augment import BatchAugment
+from unmix_ray.collectives import max_over_ranks
+from unmix_ray.methods.base import SSLMethod
+from unmix_ray.unmix import MixtureSampler
+
+
+def epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
+    """The seed of one random stream (augmentation, mixture, ...) of one rank in one epoch, so a run
+    resumed from an epoch checkpoint draws exactly what the uninterrupted run would have."""
+    return int(np.random.SeedSequence([seed, rank, epoch, stream]).generate_state(1)[0])
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class Pretrainer:
+    """One method's optimisation step, applied to every batch of an epoch."""
+
+    model: torch.nn.Module  # the method, possibly wrapped (DDP) or compiled
+    method: SSLMethod
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    augment: BatchAugment
+    precision: str = "fp32"
+    channels_last: bool = False
+    nan_check_every: int = 50
+
+    def epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mixer: MixtureSampler,
+              device: torch.device, step0: int = 0, total_steps: int = 1, where: str = "") -> torch.Tensor:
+        """Train over ``batches`` of (uint8 images, labels); return the mean (total, clean, mixed) loss as
+        a device tensor. Raises NonFiniteLossError naming the step (``where`` says the rest)."""
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model.train()
+        sums = torch.zeros(3, device=device)
+        first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, kept on the device
+        n = len(batches)
+        for step, (images, _) in enumerate(batches):
+            x = images.to(device, non_blocking=True)
+            x0 = self.augment(x).contiguous(memory_format=memory_format)
+            x1 = self.augment(x).contiguous(memory_format=memory_format)
+            mixture = mixer(x0)
+            with autocast:
+                out = self.model(x0, x1, mixture)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.method.after_step((step0 + step + 1) / total_steps)
+            parts = torch.stack([out.total.detach(), out.clean.detach(), out.mixed.detach()]).float()
+            sums += parts
+            first_bad = torch.where((first_bad < 0) & ~parts.isfinite().all(), step, first_bad)
+            if (step + 1) % self.nan_check_every == 0 or step + 1 == n:
+                bad = int(max_over_ranks(first_bad).item())  # every rank stops together; one sync per check
+                if bad >= 0:
+                    raise NonFiniteLossError(f"non-finite loss at {where}step {bad + 1}")
+        return sums / max(1, n)
