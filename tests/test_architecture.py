@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import grimp
 
@@ -17,9 +18,8 @@ LIBRARY = ["unmix_ray.compose", "unmix_ray.step", "unmix_ray.evaluation", "unmix
 
 
 def test_import_contracts_hold():
-    proc = subprocess.run([str(ROOT / ".venv/bin/lint-imports")] if (ROOT / ".venv/bin/lint-imports").exists()
-                          else [sys.executable, "-m", "importlinter.cli"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 kept, 0 broken" in proc.stdout
 

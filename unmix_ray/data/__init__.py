@@ -8,6 +8,9 @@ this package or not (on a cluster: a module in the job's working directory). A l
 - ``load(root, split, **options) -> ImageSet``: one split, in memory, uint8 [N, C, H, W] at the
   configured ``image_size``, labels int64 [N] in [0, num_classes) (-1: unlabelled). ``options`` are
   ``workers`` (decode threads), ``image_size`` and the YAML's ``loader_options``;
+- optionally ``check(root, split, **options)``: a cheap check (headers, sizes, file lists; no decoding)
+  that raises ``DatasetError`` for what ``load`` would fail on: run by ``preflight`` before any
+  cluster work, so a missing or truncated file is one message, not one failed trial per trial;
 - optionally ``download(root)`` and ``present(root)``, used when the YAML says ``download: true``;
 - optionally ``STREAMED = True`` and ``stream(root, splits, mode=..., image_size=..., crop_size=...,
   subset=..., seed=...) -> (torch Dataset, num_classes)`` for data too big for memory (ImageNet).
@@ -62,7 +65,7 @@ from unmix_ray.data.imageset import ImageSet
 from unmix_ray.data.loader import MemoryBatches, StreamBatches
 
 __all__ = ["MODES", "DatasetError", "ImageSet", "dataset_module", "image_loader", "is_streamed", "load_pretrain",
-           "load_split", "prepare"]
+           "load_split", "preflight", "prepare", "splits_read"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,33 @@ def _check(config: DatasetConfig, root: Path, split: str, data: ImageSet, layout
     if n and int(images[: min(n, 256)].max()) <= 16:
         log.warning("%s: split %r: the brightest pixel of the first images is %d; images are expected on 0-255",
                     config.name, split, int(images[: min(n, 256)].max()))
+
+
+def splits_read(config: DatasetConfig) -> list[str]:
+    """Every split a trial of ``config`` reads: pretraining, the kNN bank / probe training set, the test set."""
+    return list(dict.fromkeys([*config.pretrain_splits, config.train_split, config.test_split]))
+
+
+def preflight(config: DatasetConfig) -> list[str]:
+    """Problems with the local files of every split a trial will read, found cheaply (the loader's
+    ``check``: headers, sizes, file lists; nothing decoded), each problem once. Data that arrives by
+    ``source`` (staged from S3) or ``download`` is checked where it is staged."""
+    if config.source or config.download:
+        return []
+    module = dataset_module(config)
+    root = Path(config.root).expanduser()
+    check = getattr(module, "check", None)
+    problems: list[str] = []
+    for split in splits_read(config):
+        try:
+            if check is not None:
+                check(root, split, dataset=config.name, **config.loader_options)
+            elif not root.exists():
+                raise DatasetError(config.name, root, "data root not found", module.LAYOUT)
+        except DatasetError as e:
+            if str(e) not in problems:
+                problems.append(str(e))
+    return problems
 
 
 def load_split(config: DatasetConfig, split: str) -> ImageSet:

@@ -125,8 +125,34 @@ def torchvision_download(root: str | Path, dataset_class: str, calls: list[dict[
                            "files or an S3 source", layout) from e
 
 
+def check_pickle(path: Path, dataset: str, layout: str) -> None:
+    """A pickle file that is there and whole, without unpickling it: every pickle ends with the STOP
+    opcode, which a truncated file has lost."""
+    if not path.is_file():
+        raise DatasetError(dataset, path, "missing file", layout)
+    try:
+        with open(path, "rb") as f:
+            first = f.read(1)
+            f.seek(-1, 2)
+            last = f.read(1)
+    except OSError as e:
+        raise DatasetError(dataset, path, f"unreadable file ({e})", layout) from e
+    if first != b"\x80" or last != b".":
+        raise DatasetError(dataset, path, "not a CIFAR pickle, or truncated (no pickle header or no STOP at its "
+                           "end)", layout)
+
+
 def present(root: str | Path) -> bool:
     return has_file(root, DIR, META)
+
+
+def check(root: str | Path, split: str, **_: Any) -> None:
+    """What ``load`` needs, checked cheaply (files present and whole, not unpickled)."""
+    if split not in SPLITS:
+        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(SPLITS)})", LAYOUT)
+    d = find_dir(root, DIR, META, NAME, LAYOUT)
+    for name in (META, *SPLITS[split]):
+        check_pickle(d / name, NAME, LAYOUT)
 
 
 def load(root: str | Path, split: str, **_: Any) -> ImageSet:

@@ -9,7 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from unmix_ray.data.cifar10 import check_names, find_dir, has_file, read_batch, to_imageset, torchvision_download
+from unmix_ray.data.cifar10 import (
+    check_names,
+    check_pickle,
+    find_dir,
+    has_file,
+    read_batch,
+    to_imageset,
+    torchvision_download,
+)
 from unmix_ray.data.errors import DatasetError
 from unmix_ray.data.imageset import ImageSet
 
@@ -26,6 +34,15 @@ LAYOUT = """<root>/cifar-100-python/   (or <root> itself; the folder in cifar-10
 
 def present(root: str | Path) -> bool:
     return has_file(root, DIR, META)
+
+
+def check(root: str | Path, split: str, **_: Any) -> None:
+    """What ``load`` needs, checked cheaply (files present and whole, not unpickled)."""
+    if split not in SPLITS:
+        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(SPLITS)})", LAYOUT)
+    d = find_dir(root, DIR, META, NAME, LAYOUT)
+    for name in (META, split):
+        check_pickle(d / name, NAME, LAYOUT)
 
 
 def load(root: str | Path, split: str, **_: Any) -> ImageSet:

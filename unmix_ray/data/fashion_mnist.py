@@ -51,6 +51,43 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return body.reshape(shape)
 
 
+def _check_file(path: Path, ndim: int) -> None:
+    """Header and size of an idx file without decoding it: a gzip's last 4 bytes hold its uncompressed
+    size (mod 2**32), which a truncated file gets wrong."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            header = f.read(4 + 4 * ndim)
+        if len(header) < 4 + 4 * ndim or header[:2] != b"\0\0" or header[2] != 0x08 or header[3] != ndim:
+            raise DatasetError(NAME, path, f"not an idx{ndim} uint8 file (bad header)", LAYOUT)
+        shape = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        expected = 4 + 4 * ndim + int(np.prod(shape))
+        if path.suffix == ".gz":
+            with open(path, "rb") as f:
+                f.seek(-4, 2)
+                size = int.from_bytes(f.read(4), "little")
+            if size != expected % 2**32:
+                raise DatasetError(NAME, path, f"truncated: header says {tuple(shape)}, the gzip holds {size} "
+                                   f"bytes, expected {expected}", LAYOUT)
+        elif path.stat().st_size != expected:
+            raise DatasetError(NAME, path, f"truncated: header says {tuple(shape)}, the file has "
+                               f"{path.stat().st_size} bytes, expected {expected}", LAYOUT)
+    except (OSError, EOFError) as e:
+        raise DatasetError(NAME, path, f"unreadable or truncated file ({e})", LAYOUT) from e
+
+
+def check(root: str | Path, split: str, **_: Any) -> None:
+    """What ``load`` needs, checked cheaply (headers and sizes, no decoding)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(NAME, root, "data root not found", LAYOUT)
+    if split not in FILES:
+        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(FILES)})", LAYOUT)
+    images_stem, labels_stem, _count = FILES[split]
+    _check_file(_find(root, images_stem), 3)
+    _check_file(_find(root, labels_stem), 1)
+
+
 def load(root: str | Path, split: str, **_: Any) -> ImageSet:
     root = Path(root).expanduser()
     if not root.is_dir():

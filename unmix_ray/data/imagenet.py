@@ -80,6 +80,12 @@ def scan(root: str | Path, split: str) -> tuple[Path, list[str], np.ndarray, np.
     return folder, classes, np.array(files, dtype=bytes), np.array(labels, dtype=np.int16)
 
 
+def check(root: str | Path, split: str, **_: Any) -> None:
+    """What ``load`` and ``stream`` need, checked cheaply: the class folders and their files listed,
+    nothing decoded."""
+    scan(root, split)
+
+
 def _class_dirs(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []

@@ -42,6 +42,27 @@ def _read(path: Path, dataset: str) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(dataset, path, f"unreadable or truncated .npz ({e})", LAYOUT) from e
 
 
+def check(root: str | Path, split: str, *, dataset: str = NAME, split_from: str | None = None,
+          **_: Any) -> None:
+    """The file of ``split`` is there and its zip directory lists ``images`` and ``labels`` (nothing read)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(dataset, root, "data root not found", LAYOUT)
+    path = root / f"{split}.npz"
+    if split_from is not None and not path.is_file():
+        path = root / f"{split_from}.npz"
+    if not path.is_file():
+        raise DatasetError(dataset, path, "missing file", LAYOUT)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DatasetError(dataset, path, f"unreadable or truncated .npz ({e})", LAYOUT) from e
+    missing = sorted({"images", "labels"} - names)
+    if missing:
+        raise DatasetError(dataset, path, f"no array named {', '.join(missing)}", LAYOUT)
+
+
 def _nchw(images: np.ndarray, path: Path, dataset: str) -> np.ndarray:
     if images.ndim == 3:
         return images[:, None]

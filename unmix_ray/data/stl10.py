@@ -35,15 +35,20 @@ LAYOUT = """<root>/stl10_binary/   (or <root> itself; the folder in stl10_binary
 CHUNK = 2048  # images per read while transposing
 
 
-def read_images(path: Path) -> torch.Tensor:
-    """``*_X.bin`` -> uint8 [N, 3, 96, 96], read in chunks (the unlabeled file is 2.8 GB)."""
+def image_count(path: Path) -> int:
+    """The number of images in a ``*_X.bin`` file, from its size."""
     if not path.is_file():
         raise DatasetError(NAME, path, "missing file", LAYOUT)
     size = path.stat().st_size
     if size == 0 or size % IMAGE_BYTES:
         raise DatasetError(NAME, path, f"{size} bytes is not a whole number of 3x96x96 images "
                            f"({IMAGE_BYTES} bytes each): truncated or not an STL-10 file", LAYOUT)
-    n = size // IMAGE_BYTES
+    return size // IMAGE_BYTES
+
+
+def read_images(path: Path) -> torch.Tensor:
+    """``*_X.bin`` -> uint8 [N, 3, 96, 96], read in chunks (the unlabeled file is 2.8 GB)."""
+    n = image_count(path)
     out = torch.empty(n, 3, SIDE, SIDE, dtype=torch.uint8)
     with open(path, "rb") as f:
         for start in range(0, n, CHUNK):
@@ -67,6 +72,21 @@ def read_labels(path: Path, n: int) -> torch.Tensor:
 
 def present(root: str | Path) -> bool:
     return has_file(root, DIR, "test_X.bin")
+
+
+def check(root: str | Path, split: str, **_: Any) -> None:
+    """What ``load`` needs, checked cheaply (file sizes, no reading)."""
+    if split not in SPLITS:
+        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(SPLITS)})", LAYOUT)
+    images_file, labels_file = SPLITS[split]
+    d = find_dir(root, DIR, images_file, NAME, LAYOUT)
+    n = image_count(d / images_file)
+    if labels_file is not None:
+        path = d / labels_file
+        if not path.is_file():
+            raise DatasetError(NAME, path, "missing file", LAYOUT)
+        if path.stat().st_size != n:
+            raise DatasetError(NAME, path, f"{path.stat().st_size} labels for {n} images", LAYOUT)
 
 
 def load(root: str | Path, split: str, **_: Any) -> ImageSet:

@@ -85,13 +85,20 @@ def find_dir(root: str | Path) -> Path:
     raise DatasetError(NAME, root / DIR, "missing wnids.txt (not a Tiny ImageNet folder)", LAYOUT)
 
 
-def load(root: str | Path, split: str, workers: int | None = None, **_: Any) -> ImageSet:
+def check(root: str | Path, split: str, **_: Any) -> tuple[list[Path], list[int]]:
+    """What ``load`` needs, checked cheaply (the class list and every listed file present, nothing
+    decoded); returns the split's files and labels."""
     if split not in SPLITS:
         hint = " (the official test split has no labels; evaluate on val)" if split == "test" else ""
         raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(SPLITS)}){hint}", LAYOUT)
     d = find_dir(root)
+    return list_split(d, split, read_wnids(d))
+
+
+def load(root: str | Path, split: str, workers: int | None = None, **_: Any) -> ImageSet:
+    paths, labels = check(root, split)
+    d = find_dir(root)
     wnids = read_wnids(d)
-    paths, labels = list_split(d, split, wnids)
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         return (decode_fixed_size(paths, SIDE, NAME, LAYOUT, workers),
