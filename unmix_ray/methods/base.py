@@ -6,6 +6,9 @@ yields) and ``loss(a, b)`` (its base loss between two views' outputs). The mixtu
 weighting come from ``unmix_objective``, written once. Methods with a momentum encoder or a queue
 also override ``forward`` or ``after_step``; ``mix_outputs`` lets a method give the mixture a
 different output than a clean view (BYOL can keep it out of the target branch).
+
+``global_bn`` says whether the method's reference normalises with global-batch statistics when it
+runs on several workers (``TrainConfig.sync_bn: auto``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from unmix_ray.unmix import Mixture, UnmixLoss, unmix_objective
 
 class SSLMethod(nn.Module):
     Params: ClassVar[type]
+    global_bn: ClassVar[bool] = True  # SimCLR, BYOL and SwAV use SyncBN across devices
 
     def __init__(self, backbone: nn.Module, params: Any):
         super().__init__()
@@ -50,6 +54,18 @@ class SSLMethod(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features used by kNN and linear evaluation."""
         return self.backbone(x)
+
+    @classmethod
+    def config_problems(cls, params: dict[str, Any], sync_bn: bool | str, batch_per_worker: int) -> list[str]:
+        """What is wrong with running the validated ``params`` with this training setup (checked when a
+        sweep is composed)."""
+        splits = params.get("bn_splits", 1)
+        out = []
+        if batch_per_worker % splits:
+            out.append(f"bn_splits {splits} does not divide the per-worker batch {batch_per_worker}")
+        if splits > 1 and sync_bn is True:
+            out.append(f"bn_splits {splits} (split BN) cannot be combined with sync_bn: true (global BN)")
+        return out
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -41,6 +41,7 @@ from unmix_ray.config import Model
 from unmix_ray.losses.info_nce import info_nce
 from unmix_ray.methods.base import SSLMethod, ema_update, frozen_copy
 from unmix_ray.models import mlp
+from unmix_ray.norm import split_batchnorm
 from unmix_ray.unmix import Mixture, UnmixLoss, cutmix, mixup, unmix_objective
 
 
@@ -52,6 +53,9 @@ class MoCoParams(Model):
     momentum: float = Field(0.99, ge=0.0, le=1.0)
     symmetric: bool = False
     shuffle_bn: bool = True
+    # BatchNorm2d over this many interleaved sub-batches of each worker's batch (the Un-Mix MoCo CIFAR
+    # code's 8, imitating 8 GPUs on one); 1: plain BN. See unmix_ray.norm.SplitBatchNorm.
+    bn_splits: int = Field(1, ge=1)
 
 
 class MoCoV1Params(MoCoParams):
@@ -84,9 +88,10 @@ def same_mixture(mixture: Mixture, x: torch.Tensor) -> torch.Tensor:
 
 class MoCo(SSLMethod):
     Params = MoCoParams
+    global_bn = False  # keys use shuffle-BN instead
 
     def __init__(self, backbone: nn.Module, params: MoCoParams):
-        super().__init__(backbone, params)
+        super().__init__(split_batchnorm(backbone, params.bn_splits), params)
         hidden = [] if params.proj_hidden is None else [params.proj_hidden]
         self.projector = mlp([backbone.feature_dim, *hidden, params.proj_dim], batch_norm=False)
         self.key_backbone = frozen_copy(backbone)
@@ -102,7 +107,9 @@ class MoCo(SSLMethod):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> Key:
-        return Key(shuffled_forward(self._key_encoder, x) if self.params.shuffle_bn else self._key_encoder(x))
+        if not self.params.shuffle_bn:
+            return Key(self._key_encoder(x))
+        return Key(shuffled_forward(self._key_encoder, x, local=self.params.bn_splits > 1))
 
     def loss(self, a: Query | Key, b: Query | Key, negatives: torch.Tensor | None = None) -> torch.Tensor:
         """InfoNCE of the query (either argument) against the key (the other one) and ``negatives``
