@@ -7,8 +7,11 @@ weighting come from ``unmix_objective``, written once. Methods with a momentum e
 also override ``forward`` or ``after_step``; ``mix_outputs`` lets a method give the mixture a
 different output than a clean view (BYOL can keep it out of the target branch).
 
-``global_bn`` says whether the method's reference normalises with global-batch statistics when it
-runs on several workers (``TrainConfig.sync_bn: auto``).
+Evaluation reads ``features`` (the backbone: linear protocols) and ``knn_features`` (the kNN
+monitor and final kNN: the backbone too, unless the method's reference monitored another output,
+as MoCo's did; ``knn_representation`` names it in the protocol string). ``global_bn`` says whether
+the method's reference normalises with global-batch statistics when it runs on several workers
+(``TrainConfig.sync_bn: auto``).
 """
 
 from __future__ import annotations
@@ -52,8 +55,22 @@ class SSLMethod(nn.Module):
         """Called after each optimiser step with training progress in [0, 1] (momentum updates)."""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features used by kNN and linear evaluation."""
+        """Backbone features used by linear evaluation (and by kNN unless ``knn_head`` says otherwise)."""
         return self.backbone(x)
+
+    def knn_head(self, features: torch.Tensor) -> torch.Tensor:
+        """The kNN representation from backbone ``features`` (per sample, so it may be applied to
+        features extracted earlier): by default the features themselves."""
+        return features
+
+    def knn_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation the kNN monitor and final kNN use."""
+        return self.knn_head(self.features(x))
+
+    @property
+    def knn_representation(self) -> str:
+        """What ``knn_features`` returns, in the words of the kNN protocol string."""
+        return "frozen backbone features"
 
     @classmethod
     def config_problems(cls, params: dict[str, Any], sync_bn: bool | str, batch_per_worker: int) -> list[str]:

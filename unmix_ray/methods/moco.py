@@ -151,6 +151,14 @@ class MoCo(SSLMethod):
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((ptr + n) % size)
 
+    def knn_head(self, features: torch.Tensor) -> torch.Tensor:
+        # The authors' kNN monitor reads the query encoder's output: the normalised head embedding.
+        return F.normalize(self.projector(features), dim=1)
+
+    @property
+    def knn_representation(self) -> str:
+        return f"the frozen query encoder's L2-normalised {self.params.proj_dim}-d head output"
+
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
         ema_update(self.key_backbone, self.backbone, self.params.momentum)

@@ -128,7 +128,8 @@ def final_evaluation(method: torch.nn.Module, trial: TrialConfig, device: torch.
         logger.log(result.metrics, step=trial.train.epochs)
         bank = f"{ds.train_split} split" + (f" (seeded subset of {ds.train_subset})" if ds.train_subset else "")
         logger.set_tags(result.tags | {
-            PROTOCOL_TAG + "monitor_knn": knn_protocol(ev, bank=bank, encoder_at="each epoch"),
+            PROTOCOL_TAG + "monitor_knn": knn_protocol(ev, bank=bank, encoder_at="each epoch",
+                                                       representation=method.knn_representation),
         })
     return result.metrics
 
