@@ -21,7 +21,10 @@ keys of the first, and the second view mixed with the *same* mixture (same lam, 
 the first view's mixture with the first view's own key would make the positive the very view that
 was mixed, so the swapped half mixes the second view instead. Keys of both views are enqueued.
 
-Keys use shuffling BN across workers (``shuffle_bn``; see ``collectives.shuffled_forward``). The
+Keys use shuffling BN across workers (``shuffle_bn``; see ``collectives.shuffled_forward``).
+``bn_splits`` > 1 is the authors' CIFAR split BN (``unmix_ray.norm.SplitBatchNorm``): each worker's
+BatchNorm2d layers normalise interleaved sub-batches, and keys are shuffled within the worker too.
+kNN evaluates the normalised head output (``knn_head``), as the authors' monitor did. The
 momentum encoder moves once per optimiser step, in ``after_step``: the same as MoCo's update at the
 start of the next forward, since nothing reads the key encoder in between.
 """
