@@ -248,14 +248,14 @@ def test_imagenet_in_memory_for_small_sets(imagenet_root):
         DATASETS["imagenet"](imagenet_root, "train", max_images=5)
 
 
-@pytest.mark.parametrize("mode, side", [("pretrain", 64), ("train", 56), ("eval", 56)])
-def test_imagenet_streams_uint8_batches(imagenet_root, mode, side):
+@pytest.mark.parametrize("mode, shape", [("pretrain", (2, 3, 56, 56)), ("train", (3, 56, 56)), ("eval", (3, 56, 56))])
+def test_imagenet_streams_uint8_batches(imagenet_root, mode, shape):
     cfg = config("imagenet", imagenet_root, num_classes=4, image_size=64, crop_size=56)
     batches = image_loader(cfg, "train", 4, mode=mode, seed=1, workers=0)
     got = list(batches)
     assert len(got) == len(batches) == (3 if mode != "eval" else 3)
-    for images, labels in got:
-        assert images.dtype == torch.uint8 and images.shape[1:] == (3, side, side)
+    for images, labels in got:  # pretrain: two views per image, each cropped from the whole image
+        assert images.dtype == torch.uint8 and images.shape[1:] == shape
         assert labels.dtype == torch.int64
     seen = torch.cat([labels for _, labels in got])
     assert sorted(seen.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]

@@ -12,16 +12,22 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from unmix_ray.collectives import all_gather_no_grad, shuffled_forward
-from unmix_ray.config import MethodConfig
+from unmix_ray.collectives import all_gather_no_grad, average_buffers, shuffled_forward
+from unmix_ray.config import CONFIG_DIR, DatasetConfig, MethodConfig, build
+from unmix_ray.data import load_split
+from unmix_ray.evaluation.features import Features, extract_features, frozen, split_features
 from unmix_ray.losses.nt_xent import nt_xent
 from unmix_ray.losses.swav import sinkhorn
 from unmix_ray.methods import build_method
 from unmix_ray.models import NarrowResNet
+from unmix_ray.norm import GlobalBatchNorm, global_batchnorm, running_stats
 from unmix_ray.unmix import Mixture, mixup
+
+from .fixtures import write_fixture
 
 WORLD = 2
 
@@ -160,3 +166,103 @@ def _moco_worker(rank: int) -> None:
 
 def test_moco_queue_is_identical_on_all_workers():
     spawn(_moco_worker)
+
+
+# ---------------------------------------------------------------- global BatchNorm (train.sync_bn)
+
+
+SIMCLR = {"proj_hidden": 16, "proj_dim": 8}
+
+
+def _simclr(gather: bool) -> nn.Module:
+    torch.manual_seed(0)  # the same initial weights on every rank and for the reference
+    return build_method(MethodConfig(name="simclr", params=SIMCLR | {"gather_negatives": gather}),
+                        NarrowResNet(3, 4)).train()
+
+
+def _global_bn_worker(rank: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    n_local = 6
+    x0_all, x1_all = (torch.randn(WORLD * n_local, 3, 16, 16, generator=g) * 2 + 1 for _ in range(2))
+    mine = slice(rank * n_local, (rank + 1) * n_local)
+
+    # One process, one BN over the concatenated global batch (negatives: the whole batch).
+    reference = _simclr(gather=False)
+    ref_loss = reference(x0_all, x1_all, None).total
+    ref_loss.backward()
+
+    for sync in (True, False):
+        method = _simclr(gather=True)
+        if sync:
+            method = global_batchnorm(method, torch.device("cpu"))
+            assert any(isinstance(m, GlobalBatchNorm) for m in method.modules())
+        model = DistributedDataParallel(method, broadcast_buffers=False)
+        loss = model(x0_all[mine], x1_all[mine], None).total
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= WORLD
+        grads = [(p.grad, q.grad) for p, q in zip(method.parameters(), reference.parameters(), strict=True)]
+        stats = list(zip(running_stats(method), running_stats(reference), strict=True))
+        if sync:  # loss, gradients (DDP's mean) and running statistics of the global batch
+            torch.testing.assert_close(mean_loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+            for a, b in grads:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            for a, b in stats:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:  # each rank normalises its own half: none of them matches
+            assert not torch.allclose(mean_loss, ref_loss.detach(), rtol=1e-3)
+            assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in grads)
+            assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in stats)
+
+
+def test_global_batchnorm_on_two_workers_is_batchnorm_of_the_concatenated_batch():
+    spawn(_global_bn_worker)
+
+
+# ---------------------------------------------------------------- one network evaluated by every rank
+
+
+def _eval_sync_worker(rank: int, root: str) -> None:
+    ds = build(DatasetConfig, yaml.safe_load((CONFIG_DIR / "datasets" / "cifar10.yaml").read_text())
+               | {"root": root})
+    method = _simclr(gather=True)
+    model = DistributedDataParallel(method, broadcast_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own data: BN statistics drift apart
+    for _ in range(3):
+        x0, x1 = torch.randn(8, 3, 32, 32, generator=g) + rank, torch.randn(8, 3, 32, 32, generator=g)
+        opt.zero_grad()
+        model(x0, x1, None).total.backward()
+        opt.step()
+    for p in method.parameters():
+        assert _same_on_all_ranks(p.detach())
+    stats = running_stats(method)
+    assert not all(_same_on_all_ranks(t) for t in stats)
+    test = load_split(ds, "test")
+    device = torch.device("cpu")
+
+    def sharded() -> torch.Tensor:  # what evaluation does: each rank encodes its shard, then gather
+        with frozen(method):
+            return split_features(Features(method), ds, "test", None, 0, device, 8)[0]
+
+    def whole() -> torch.Tensor:  # one network encoding the whole split
+        with frozen(method):
+            return extract_features(Features(method), test.images, ds.mean, ds.std, ds.crop_size, device, 8)
+
+    # Without the sync, the gathered features come from two networks.
+    assert not torch.allclose(sharded(), whole(), atol=1e-4)
+
+    expected = [all_gather_no_grad(t[None]).mean(0) for t in stats]
+    average_buffers(running_stats(method))  # what the loop does before every evaluation and checkpoint
+    for t, e in zip(running_stats(method), expected, strict=True):
+        torch.testing.assert_close(t, e)
+        assert _same_on_all_ranks(t)
+    gathered = sharded()
+    torch.testing.assert_close(gathered, whole(), rtol=1e-5, atol=1e-6)
+    assert _same_on_all_ranks(gathered)
+
+
+def test_every_rank_evaluates_one_network_after_the_statistics_are_averaged(tmp_path):
+    root = write_fixture("cifar10", tmp_path / "cifar10", 2)
+    spawn(_eval_sync_worker, str(root))

@@ -15,6 +15,8 @@ the GPU as well as on the CPU.
   and chroma (the same result as torchvision's RGB -> HSV -> RGB round trip, in fewer ops).
 - Grayscale (ITU-R 601 luma, torchvision's weights) and Gaussian blur (a per-sample separable kernel
   as a grouped convolution).
+- Views cropped already (``crop=False``; the streamed ImageNet loader crops each view from the whole
+  image in its workers): the flip and the rest of the recipe, no second crop.
 
 Differences from torchvision's per-sample pipeline, chosen for batching: crop boxes are continuous
 (torchvision rounds them to whole pixels); colour jitter applies brightness, contrast, saturation,
@@ -247,13 +249,21 @@ class BatchAugment:
                         groups=n * ch)
         return torch.where(_per_sample(p["apply"]), flat.view_as(x), x)
 
-    def params(self, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
-        """Every random parameter of one view of ``images``, one set per image."""
+    def params(self, images: torch.Tensor, crop: bool = True) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
+        """Every random parameter of one view of ``images``, one set per image (without ``crop``: the
+        flip in place of the crop box)."""
         n, _, hgt, wid = images.shape
         dev = images.device
-        crop = self.crop_params(n, dev, wid / hgt)
-        crop["wy"], crop["wx"] = self.crop_weights(crop, hgt, wid)  # built once for the batch, not per chunk
-        out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {"crop": crop}
+        out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {}
+        if crop:
+            box = self.crop_params(n, dev, wid / hgt)
+            box["wy"], box["wx"] = self.crop_weights(box, hgt, wid)  # built once for the batch, not per chunk
+            out["crop"] = box
+        else:
+            if (hgt, wid) != (self.crop, self.crop):
+                raise ValueError(f"views to augment without cropping must be {self.crop}x{self.crop}, got "
+                                 f"{wid}x{hgt}")
+            out["flip"] = torch.rand(n, generator=self.g, device=dev) < self.cfg.flip_p
         if self.cfg.jitter_p > 0:
             out["jitter"] = self.jitter_params(n, dev)
         if self.cfg.gray_p > 0 and images.shape[1] == 3:
@@ -264,7 +274,11 @@ class BatchAugment:
 
     def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
         """One view of ``images`` with the given parameters (see ``params``)."""
-        x = self.resized_crop(images, params["crop"])
+        if "crop" in params:
+            x = self.resized_crop(images, params["crop"])
+        else:
+            x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+            x = torch.where(_per_sample(params["flip"]), x.flip(-1), x)
         if "jitter" in params:
             x = self.color_jitter(x, params["jitter"])
         if "gray" in params:
@@ -273,8 +287,9 @@ class BatchAugment:
             x = self.gaussian_blur(x, params["blur"])
         return x.sub_(self.mean).div_(self.std)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        params = self.params(images)
+    def __call__(self, images: torch.Tensor, crop: bool = True) -> torch.Tensor:
+        """One augmented view of each image; ``crop=False`` for views already cropped to ``crop_size``."""
+        params = self.params(images, crop)
         n = images.shape[0]
         if images.device.type != "cpu" or n <= CPU_CHUNK:
             return self.apply(images, params)

@@ -1,14 +1,15 @@
 """Every distributed helper of the project, in one place; each is the identity on a single process.
 
-Gradients flow through ``gather_with_grad`` only; the other helpers are for tensors that carry none:
-momentum keys, Sinkhorn sums, shuffle permutations, loss sums, evaluation features.
+Gradients flow through ``gather_with_grad`` and ``all_reduce_with_grad`` only (global-batch negatives,
+global BatchNorm statistics); the other helpers are for tensors that carry none: momentum keys,
+Sinkhorn sums, shuffle permutations, loss sums, evaluation features, BatchNorm running statistics.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_gather
+from torch.distributed.nn.functional import all_gather, all_reduce
 
 
 def world_size() -> int:
@@ -28,6 +29,14 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not is_distributed():
         return x, 0
     return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks, differentiable: each rank's ``x`` receives the sum of every rank's
+    gradient of the result (the gradient of the sum of the ranks' losses)."""
+    if not is_distributed():
+        return x
+    return all_reduce(x)
 
 
 @torch.no_grad()
@@ -58,6 +67,27 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def average_buffers(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over ranks, in place: one all-reduce per dtype and device.
+
+    For state that is not kept identical by construction, such as BatchNorm running statistics, which
+    each rank updates from its own batches: afterwards every rank holds the same values."""
+    if world_size() == 1:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"average_buffers averages floating-point tensors, got {t.dtype}")
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        flat /= world_size()
+        for t, mean in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            t.copy_(mean.view_as(t))
+
+
+@torch.no_grad()
 def max_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """In-place maximum over ranks; returns ``x``."""
     if world_size() > 1:
@@ -77,18 +107,22 @@ def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor, local: bool = False) -> torch.Tensor:
     """``encoder(x)`` computed on a random permutation of the global batch, returned in ``x``'s order.
 
     Shuffling BN (He et al., MoCo, CVPR 2020): each rank's BatchNorm then normalises keys with the
     statistics of samples drawn from every rank, so a query and its positive key never share batch
-    statistics (which would leak a shortcut). With one process, BN already sees the whole batch and
-    a permutation changes nothing, so the encoder runs on ``x`` directly. Local batches must be of
-    equal size (drop_last loaders).
+    statistics (which would leak a shortcut). With one process, plain BN already sees the whole batch
+    and a permutation changes nothing, so the encoder runs on ``x`` directly, unless ``local``: split
+    BN (``unmix_ray.norm.SplitBatchNorm``) normalises sub-batches of one process, and the permutation
+    keeps a key out of its query's split. Local batches must be of equal size (drop_last loaders).
     """
     n_ranks = world_size()
     if n_ranks == 1:
-        return encoder(x)
+        if not local:
+            return encoder(x)
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return encoder(x[perm])[torch.argsort(perm)]
     x_all = all_gather_no_grad(x)
     perm = torch.randperm(x_all.shape[0], device=x.device)
     dist.broadcast(perm, src=0)

@@ -138,6 +138,11 @@ def compose_sweep(data: dict[str, Any], config_dir: Path = CONFIG_DIR, source: s
         params = build(METHODS[n].Params, m.get("params") or {}, f"methods/{n}.yaml.params", errors)
         if mc is not None and params is not None:
             typed_methods[n] = mc.model_copy(update={"params": params.to_dict()})
+    for (dname, mname), train in trains.items():  # what a method's params require of the training setup
+        if train is not None and mname in typed_methods:
+            errors += [f"methods/{mname}.yaml.params with the train block of {dname}/{mname}: {p}" for p in
+                       METHODS[mname].config_problems(typed_methods[mname].params, train.sync_bn,
+                                                      train.batch_per_worker)]
     if errors:
         raise ConfigError(errors, source)
 

@@ -4,6 +4,10 @@ Un-Mix objective, step. The Ray Train loop, the benchmarks and the GPU check all
 Per step: uint8 batch -> device -> two batched augmented views -> mixture of view 0 -> method forward
 (Un-Mix objective) -> backward -> step. Loss sums stay on the device; the host reads them once per
 epoch, and checks for a non-finite loss every ``nan_check_every`` steps (one sync each).
+
+A batch is either images [B, C, H, W], from which both views are cropped on the device, or two views
+[B, 2, C, S, S] cropped by the loader (streamed ImageNet crops each from the whole image in its
+workers), which get the rest of the recipe without a second crop.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ class Pretrainer:
 
     def epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mixer: MixtureSampler,
               device: torch.device, step0: int = 0, total_steps: int = 1, where: str = "") -> torch.Tensor:
-        """Train over ``batches`` of (uint8 images, labels); return the mean (total, clean, mixed) loss as
-        a device tensor. Raises NonFiniteLossError naming the step (``where`` says the rest)."""
+        """Train over ``batches`` of (uint8 images or view pairs, labels); return the mean (total, clean,
+        mixed) loss as a device tensor. Raises NonFiniteLossError naming the step (``where`` says the rest)."""
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.train()
@@ -56,8 +60,12 @@ class Pretrainer:
         n = len(batches)
         for step, (images, _) in enumerate(batches):
             x = images.to(device, non_blocking=True)
-            x0 = self.augment(x).contiguous(memory_format=memory_format)
-            x1 = self.augment(x).contiguous(memory_format=memory_format)
+            if x.ndim == 5:  # two views, cropped already
+                x0 = self.augment(x[:, 0], crop=False).contiguous(memory_format=memory_format)
+                x1 = self.augment(x[:, 1], crop=False).contiguous(memory_format=memory_format)
+            else:
+                x0 = self.augment(x).contiguous(memory_format=memory_format)
+                x1 = self.augment(x).contiguous(memory_format=memory_format)
             mixture = mixer(x0)
             with autocast:
                 out = self.model(x0, x1, mixture)

@@ -187,6 +187,10 @@ class MethodConfig(Model):
 
 
 class TrainConfig(Model):
+    """How a trial trains. ``sync_bn``: BatchNorm over the global batch of all workers (SyncBatchNorm on
+    GPUs) or over each worker's own batch; ``auto`` follows the method's reference: global for SimCLR,
+    BYOL and SwAV, per worker for MoCo (its keys use shuffle-BN). One worker's BN is always global."""
+
     backbone: str = "resnet18_cifar"
     epochs: int = Field(10, ge=0)
     num_workers: int = Field(1, ge=1)
@@ -201,6 +205,7 @@ class TrainConfig(Model):
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: no limit)
     nan_check_every: int = Field(50, ge=1)  # steps between checks for a non-finite loss (each is one host sync)
+    sync_bn: bool | Literal["auto"] = "auto"
 
     @field_validator("batch_size")
     @classmethod

@@ -13,7 +13,9 @@ this package or not (on a cluster: a module in the job's working directory). A l
   cluster work, so a missing or truncated file is one message, not one failed trial per trial;
 - optionally ``download(root)`` and ``present(root)``, used when the YAML says ``download: true``;
 - optionally ``STREAMED = True`` and ``stream(root, splits, mode=..., image_size=..., crop_size=...,
-  subset=..., seed=...) -> (torch Dataset, num_classes)`` for data too big for memory (ImageNet).
+  subset=..., seed=..., crop_scale=..., crop_ratio=...) -> (torch Dataset, num_classes)`` for data too
+  big for memory (ImageNet). In ``pretrain`` mode its items may be two views [2, C, crop, crop], each
+  cropped (``crop_scale``, ``crop_ratio`` of the dataset's ``augment``) from the whole image.
 
 What a loader returns is checked against the config when it is loaded (dtype, channels, size,
 labels), so a loader that returns floats or the wrong size fails at once, naming the dataset.
@@ -44,7 +46,9 @@ Reading:
     ``mode="pretrain"``: shuffled, ``drop_last`` (even batches for Un-Mix), ``train_subset`` applied.
     ``mode="train"``: shuffled, ``drop_last``. ``mode="eval"``: in order, nothing dropped (the last
     shard wraps around to equal length on multiple ranks). In-memory datasets come back as stored in
-    every mode; streamed ones are cropped for the mode in their DataLoader workers.
+    every mode; streamed ones are cropped for the mode in their DataLoader workers: in pretrain mode
+    ImageNet's batches are view pairs [B, 2, C, crop, crop], which ``Pretrainer`` augments without
+    cropping again (``augment(views[:, 0], crop=False)``).
 """
 
 from __future__ import annotations
@@ -195,7 +199,8 @@ def image_loader(config: DatasetConfig, splits: str | Sequence[str], batch_size:
         data = ImageSet.concat([load_split(config, s) for s in splits]).subset(subset, seed)
         return MemoryBatches(data, batch_size, rank, world_size, seed, shuffle, drop_last)
     dataset, num_classes = module.stream(prepare(config), splits, mode=mode, image_size=config.image_size,
-                                         crop_size=config.crop_size, subset=subset, seed=seed)
+                                         crop_size=config.crop_size, subset=subset, seed=seed,
+                                         crop_scale=config.augment.crop_scale, crop_ratio=config.augment.crop_ratio)
     if num_classes != config.num_classes:
         raise DatasetError(config.name, config.root, f"has {num_classes} classes; the config says "
                            f"{config.num_classes}", module.LAYOUT)

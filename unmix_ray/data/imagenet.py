@@ -5,8 +5,10 @@ file list that reads, decodes (``torchvision.io.decode_jpeg``) and crops each im
 uint8 tensor inside DataLoader worker processes; ``unmix_ray.data.image_loader`` wraps it in a
 sharded, seeded loader. The crop depends on the mode:
 
-- ``pretrain``: shorter side resized to ``image_size`` (256), then a random ``image_size`` square
-  along the longer side; ``BatchAugment`` then takes its random resized crops (224) on the device.
+- ``pretrain``: two views per image, each its own RandomResizedCrop of the *whole* decoded image to
+  ``crop_size`` (224; scale and ratio from the dataset's ``augment`` config), as MoCo v2's loader
+  crops each view; item ``[2, 3, crop, crop]``. ``BatchAugment(crop=False)`` then applies the rest of
+  the recipe (flip, jitter, grayscale, blur) on the device.
 - ``train`` (supervised / linear-probe training): RandomResizedCrop to ``crop_size`` (scale
   0.08-1) and a random horizontal flip.
 - ``eval``: shorter side resized to ``image_size``, centre crop ``crop_size`` (the 256 / 224 protocol).
@@ -104,12 +106,16 @@ def resize_shorter(img: torch.Tensor, size: int) -> torch.Tensor:
     return TF.resize(img, [size], antialias=True)
 
 
-def pretrain_view(img: torch.Tensor, image_size: int) -> torch.Tensor:
-    img = resize_shorter(img, image_size)
-    h, w = img.shape[1:]
-    top = int(torch.randint(0, h - image_size + 1, ()).item())
-    left = int(torch.randint(0, w - image_size + 1, ()).item())
-    return img[:, top:top + image_size, left:left + image_size].contiguous()
+Box = tuple[int, int, int, int]  # top, left, height, width in pixels of the decoded image
+
+
+def pretrain_views(img: torch.Tensor, crop_size: int, scale: tuple[float, float] = (0.2, 1.0),
+                   ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[torch.Tensor, list[Box]]:
+    """Two views [2, 3, crop, crop] of ``img``, each resized from its own RandomResizedCrop box of the
+    whole image (torchvision's draw), and the two boxes. Unflipped: the flip is BatchAugment's."""
+    boxes = [tuple(RandomResizedCrop.get_params(img, list(scale), list(ratio))) for _ in range(2)]
+    views = [TF.resized_crop(img, *box, [crop_size, crop_size], antialias=True) for box in boxes]
+    return torch.stack(views), boxes
 
 
 def train_view(img: torch.Tensor, crop_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> torch.Tensor:
@@ -123,21 +129,20 @@ def eval_view(img: torch.Tensor, image_size: int, crop_size: int) -> torch.Tenso
 
 
 class ImageFolderStream(torch.utils.data.Dataset):
-    """Item i: (uint8 [3, S, S], label), decoded from ``folder / files[i]`` and cropped for ``mode``.
+    """Item i: (uint8 [3, S, S], label), decoded from ``folder / files[i]`` and cropped for ``mode``
+    (``pretrain``: two views, uint8 [2, 3, S, S], cropped with ``crop_scale`` and ``crop_ratio``).
 
     Holds the file list as one numpy bytes array, so it pickles cheaply into worker processes.
     """
 
     def __init__(self, folder: str | Path, files: np.ndarray, labels: np.ndarray, mode: Mode,
-                 image_size: int, crop_size: int):
+                 image_size: int, crop_size: int, crop_scale: tuple[float, float] = (0.2, 1.0),
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.folder, self.files, self.labels = str(folder), files, labels
         self.mode, self.image_size, self.crop_size = mode, image_size, crop_size
-
-    @property
-    def out_size(self) -> int:
-        return self.image_size if self.mode == "pretrain" else self.crop_size
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -146,7 +151,7 @@ class ImageFolderStream(torch.utils.data.Dataset):
         path = Path(self.folder) / self.files[i].decode()
         img = decode_one(read_bytes(path, NAME, LAYOUT), path, NAME, LAYOUT)
         if self.mode == "pretrain":
-            img = pretrain_view(img, self.image_size)
+            img = pretrain_views(img, self.crop_size, self.crop_scale, self.crop_ratio)[0]
         elif self.mode == "train":
             img = train_view(img, self.crop_size)
         else:
@@ -181,8 +186,10 @@ def load(root: str | Path, split: str, workers: int | None = None, image_size: i
 
 
 def stream(root: str | Path, splits: list[str], *, mode: Mode, image_size: int, crop_size: int,
-           subset: int | None = None, seed: int = 0, **_: Any) -> tuple[ImageFolderStream, int]:
-    """The files of ``splits`` as one streamed dataset (a seeded ``subset`` of them) and the class count."""
+           subset: int | None = None, seed: int = 0, crop_scale: tuple[float, float] = (0.2, 1.0),
+           crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), **_: Any) -> tuple[ImageFolderStream, int]:
+    """The files of ``splits`` as one streamed dataset (a seeded ``subset`` of them) and the class count;
+    ``crop_scale`` and ``crop_ratio`` are the pretraining views' RandomResizedCrop's."""
     files, labels = [], []
     num_classes = 0
     for s in splits:
@@ -195,4 +202,6 @@ def stream(root: str | Path, splits: list[str], *, mode: Mode, image_size: int, 
         perm = torch.randperm(len(files_all), generator=torch.Generator().manual_seed(seed))
         keep = np.sort(perm[:subset].numpy())
         files_all, labels_all = files_all[keep], labels_all[keep]
-    return ImageFolderStream(Path(root).expanduser(), files_all, labels_all, mode, image_size, crop_size), num_classes
+    data = ImageFolderStream(Path(root).expanduser(), files_all, labels_all, mode, image_size, crop_size,
+                             crop_scale, crop_ratio)
+    return data, num_classes

@@ -2,6 +2,10 @@
 cached features) and ``paper`` (the paper's augmented linear protocol): the per-epoch kNN monitor,
 the final evaluation of every trial, and the re-evaluation of a checkpoint (``jobs/linear_eval.py``).
 Each returns the metrics with the protocol strings that describe them.
+
+The linear protocols read the backbone features (``SSLMethod.features``); kNN reads the method's
+``knn_features``, which for MoCo is the query encoder's normalised head output, as the authors'
+monitor did. Both come from one extraction: the kNN head is applied to the gathered backbone features.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from unmix_ray.evaluation.protocols import (
     paper_protocol,
     paper_recipe,
 )
+from unmix_ray.methods.base import SSLMethod
 
 PROTOCOLS = ("knn", "fast", "paper")
 
 
-def monitor_knn(method: torch.nn.Module, trial: TrialConfig, device: torch.device) -> float | None:
-    """The per-epoch kNN monitor: the training split (subsetted like pretraining) as the bank, the test
-    split as queries. Every rank extracts its shard; the score is returned on rank 0 (None elsewhere)."""
+def monitor_knn(method: SSLMethod, trial: TrialConfig, device: torch.device) -> float | None:
+    """The per-epoch kNN monitor on ``method.knn_features``: the training split (subsetted like
+    pretraining) as the bank, the test split as queries. Every rank extracts its shard; the score is
+    returned on rank 0 (None elsewhere)."""
     ds, ev = trial.dataset, trial.eval
     with frozen(method):
         encoder = Features(method)
@@ -38,9 +44,16 @@ def monitor_knn(method: torch.nn.Module, trial: TrialConfig, device: torch.devic
                                 ev.feature_batch_size)
         ft, yt = split_features(encoder, ds, ds.test_split, ds.test_subset, trial.seed, device,
                                 ev.feature_batch_size)
-    if rank() != 0:
-        return None
+        if rank() != 0:
+            return None
+        fb, ft = knn_head(method, fb, ev.feature_batch_size), knn_head(method, ft, ev.feature_batch_size)
     return topk_accuracy(knn_predict(fb, yb, ft, ds.num_classes, ev.knn_k, ev.knn_t), yt)
+
+
+@torch.no_grad()
+def knn_head(method: SSLMethod, features: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``method.knn_head`` on backbone ``features``, ``chunk`` rows at a time (the method is frozen)."""
+    return torch.cat([method.knn_head(f).float() for f in features.split(chunk)])
 
 
 @dataclass
@@ -49,9 +62,10 @@ class Evaluation:
     tags: dict[str, str] = field(default_factory=dict)  # unmix.protocol.<key>: the protocol of each metric
 
 
-def evaluate(method: torch.nn.Module, trial: TrialConfig, device: torch.device, protocols: tuple[str, ...],
+def evaluate(method: SSLMethod, trial: TrialConfig, device: torch.device, protocols: tuple[str, ...],
              eval_config: EvalConfig | None = None, encoder_at: str = "last pretraining epoch") -> Evaluation:
-    """Run ``protocols`` (any of ``knn``, ``fast``, ``paper``) on the frozen backbone of ``method``.
+    """Run ``protocols`` (any of ``knn``, ``fast``, ``paper``) on the frozen encoder of ``method``
+    (kNN on ``knn_features``, the linear protocols on the backbone features).
 
     The training split is the labelled bank / probe training set in full; the test split is subsetted
     as the dataset config says (``test_subset``), seeded by the trial's seed. The method is evaluated
@@ -77,10 +91,13 @@ def _evaluate(encoder: Features, trial: TrialConfig, ds: DatasetConfig, ev: Eval
         if rank() != 0:
             return out
         if "knn" in protocols:
-            scores = knn_predict(ftr, ytr, fte, ds.num_classes, ev.knn_k, ev.knn_t)
+            method = encoder.method
+            ktr, kte = knn_head(method, ftr, ev.feature_batch_size), knn_head(method, fte, ev.feature_batch_size)
+            scores = knn_predict(ktr, ytr, kte, ds.num_classes, ev.knn_k, ev.knn_t)
             out.metrics |= {"knn_top1": topk_accuracy(scores, yte, 1), "knn_top5": topk_accuracy(scores, yte, 5)}
             bank = f"{ds.train_split} split ({len(ytr)} images)"
-            out.tags[PROTOCOL_TAG + "knn"] = knn_protocol(ev, bank=bank, encoder_at=encoder_at)
+            out.tags[PROTOCOL_TAG + "knn"] = knn_protocol(ev, bank=bank, encoder_at=encoder_at,
+                                                          representation=method.knn_representation)
         if "fast" in protocols:
             lin = linear_probe(ftr, ytr, fte, yte, ds.num_classes, ev, seed=trial.seed)
             out.metrics |= {"linear_top1": lin.top1, "linear_top5": lin.top5}
@@ -99,7 +116,7 @@ def _evaluate(encoder: Features, trial: TrialConfig, ds: DatasetConfig, ev: Eval
     return out
 
 
-def method_from_checkpoint(state: dict[str, Any], trial: TrialConfig, device: torch.device) -> torch.nn.Module:
+def method_from_checkpoint(state: dict[str, Any], trial: TrialConfig, device: torch.device) -> SSLMethod:
     """The pretrained method (backbone and heads) of a checkpoint's state, on ``device``."""
     from unmix_ray.methods import build_method
     from unmix_ray.models import build_backbone

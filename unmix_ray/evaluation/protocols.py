@@ -89,8 +89,10 @@ def paper_recipe(config: EvalConfig, dataset: str) -> PaperRecipe:
         base.schedule, base.milestones, base.momentum, tuple(config.paper_crop_scale), base.test_resize)
 
 
-def knn_protocol(config: EvalConfig, bank: str, encoder_at: str = "last pretraining epoch") -> str:
-    return (f"weighted kNN k={config.knn_k} t={config.knn_t} cosine on frozen backbone features, "
+def knn_protocol(config: EvalConfig, bank: str, encoder_at: str = "last pretraining epoch",
+                 representation: str = "frozen backbone features") -> str:
+    """``representation``: what the neighbours are found on (``SSLMethod.knn_representation``)."""
+    return (f"weighted kNN k={config.knn_k} t={config.knn_t} cosine on {representation}, "
             f"bank={bank}, no augmentation, {encoder_at}")
 
 

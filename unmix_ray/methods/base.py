@@ -6,6 +6,12 @@ yields) and ``loss(a, b)`` (its base loss between two views' outputs). The mixtu
 weighting come from ``unmix_objective``, written once. Methods with a momentum encoder or a queue
 also override ``forward`` or ``after_step``; ``mix_outputs`` lets a method give the mixture a
 different output than a clean view (BYOL can keep it out of the target branch).
+
+Evaluation reads ``features`` (the backbone: linear protocols) and ``knn_features`` (the kNN
+monitor and final kNN: the backbone too, unless the method's reference monitored another output,
+as MoCo's did; ``knn_representation`` names it in the protocol string). ``global_bn`` says whether
+the method's reference normalises with global-batch statistics when it runs on several workers
+(``TrainConfig.sync_bn: auto``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from unmix_ray.unmix import Mixture, UnmixLoss, unmix_objective
 
 class SSLMethod(nn.Module):
     Params: ClassVar[type]
+    global_bn: ClassVar[bool] = True  # SimCLR, BYOL and SwAV use SyncBN across devices
 
     def __init__(self, backbone: nn.Module, params: Any):
         super().__init__()
@@ -48,8 +55,34 @@ class SSLMethod(nn.Module):
         """Called after each optimiser step with training progress in [0, 1] (momentum updates)."""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features used by kNN and linear evaluation."""
+        """Backbone features used by linear evaluation (and by kNN unless ``knn_head`` says otherwise)."""
         return self.backbone(x)
+
+    def knn_head(self, features: torch.Tensor) -> torch.Tensor:
+        """The kNN representation from backbone ``features`` (per sample, so it may be applied to
+        features extracted earlier): by default the features themselves."""
+        return features
+
+    def knn_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation the kNN monitor and final kNN use."""
+        return self.knn_head(self.features(x))
+
+    @property
+    def knn_representation(self) -> str:
+        """What ``knn_features`` returns, in the words of the kNN protocol string."""
+        return "frozen backbone features"
+
+    @classmethod
+    def config_problems(cls, params: dict[str, Any], sync_bn: bool | str, batch_per_worker: int) -> list[str]:
+        """What is wrong with running the validated ``params`` with this training setup (checked when a
+        sweep is composed)."""
+        splits = params.get("bn_splits", 1)
+        out = []
+        if batch_per_worker % splits:
+            out.append(f"bn_splits {splits} does not divide the per-worker batch {batch_per_worker}")
+        if splits > 1 and sync_bn is True:
+            out.append(f"bn_splits {splits} (split BN) cannot be combined with sync_bn: true (global BN)")
+        return out
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -21,7 +21,10 @@ keys of the first, and the second view mixed with the *same* mixture (same lam, 
 the first view's mixture with the first view's own key would make the positive the very view that
 was mixed, so the swapped half mixes the second view instead. Keys of both views are enqueued.
 
-Keys use shuffling BN across workers (``shuffle_bn``; see ``collectives.shuffled_forward``). The
+Keys use shuffling BN across workers (``shuffle_bn``; see ``collectives.shuffled_forward``).
+``bn_splits`` > 1 is the authors' CIFAR split BN (``unmix_ray.norm.SplitBatchNorm``): each worker's
+BatchNorm2d layers normalise interleaved sub-batches, and keys are shuffled within the worker too.
+kNN evaluates the normalised head output (``knn_head``), as the authors' monitor did. The
 momentum encoder moves once per optimiser step, in ``after_step``: the same as MoCo's update at the
 start of the next forward, since nothing reads the key encoder in between.
 """
@@ -41,6 +44,7 @@ from unmix_ray.config import Model
 from unmix_ray.losses.info_nce import info_nce
 from unmix_ray.methods.base import SSLMethod, ema_update, frozen_copy
 from unmix_ray.models import mlp
+from unmix_ray.norm import split_batchnorm
 from unmix_ray.unmix import Mixture, UnmixLoss, cutmix, mixup, unmix_objective
 
 
@@ -52,6 +56,9 @@ class MoCoParams(Model):
     momentum: float = Field(0.99, ge=0.0, le=1.0)
     symmetric: bool = False
     shuffle_bn: bool = True
+    # BatchNorm2d over this many interleaved sub-batches of each worker's batch (the Un-Mix MoCo CIFAR
+    # code's 8, imitating 8 GPUs on one); 1: plain BN. See unmix_ray.norm.SplitBatchNorm.
+    bn_splits: int = Field(1, ge=1)
 
 
 class MoCoV1Params(MoCoParams):
@@ -84,9 +91,10 @@ def same_mixture(mixture: Mixture, x: torch.Tensor) -> torch.Tensor:
 
 class MoCo(SSLMethod):
     Params = MoCoParams
+    global_bn = False  # keys use shuffle-BN instead
 
     def __init__(self, backbone: nn.Module, params: MoCoParams):
-        super().__init__(backbone, params)
+        super().__init__(split_batchnorm(backbone, params.bn_splits), params)
         hidden = [] if params.proj_hidden is None else [params.proj_hidden]
         self.projector = mlp([backbone.feature_dim, *hidden, params.proj_dim], batch_norm=False)
         self.key_backbone = frozen_copy(backbone)
@@ -102,7 +110,9 @@ class MoCo(SSLMethod):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> Key:
-        return Key(shuffled_forward(self._key_encoder, x) if self.params.shuffle_bn else self._key_encoder(x))
+        if not self.params.shuffle_bn:
+            return Key(self._key_encoder(x))
+        return Key(shuffled_forward(self._key_encoder, x, local=self.params.bn_splits > 1))
 
     def loss(self, a: Query | Key, b: Query | Key, negatives: torch.Tensor | None = None) -> torch.Tensor:
         """InfoNCE of the query (either argument) against the key (the other one) and ``negatives``
@@ -143,6 +153,14 @@ class MoCo(SSLMethod):
         idx = (ptr + torch.arange(n, device=keys.device)) % size
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((ptr + n) % size)
+
+    def knn_head(self, features: torch.Tensor) -> torch.Tensor:
+        # The authors' kNN monitor reads the query encoder's output: the normalised head embedding.
+        return F.normalize(self.projector(features), dim=1)
+
+    @property
+    def knn_representation(self) -> str:
+        return f"the frozen query encoder's L2-normalised {self.params.proj_dim}-d head output"
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

@@ -1,8 +1,9 @@
 """The Ray Train loop run by every worker: pretrain one method with (or without) Un-Mix, then evaluate.
 
 The step itself is ``unmix_ray.step.Pretrainer``; this loop adds what needs Ray and MLflow: the
-worker's rank and device, DDP, checkpoints through Ray Train (``unmix_ray.checkpoint`` writes and
-reads them), per-epoch reports (Tune schedulers decide on them) and rank 0's MLflow logging. Random
+worker's rank and device, global BatchNorm (``train.sync_bn``), DDP, checkpoints through Ray Train
+(``unmix_ray.checkpoint`` writes and reads them), per-epoch reports (Tune schedulers decide on them)
+and rank 0's MLflow logging. Random
 streams (augmentation, mixture, batch order) are re-seeded from (seed, rank, epoch) at every epoch
 start, so a run resumed from an epoch checkpoint continues exactly as it would have.
 """
@@ -19,12 +20,13 @@ import torch
 
 from unmix_ray import checkpoint
 from unmix_ray.augment import BatchAugment
-from unmix_ray.collectives import mean_over_ranks
+from unmix_ray.collectives import average_buffers, mean_over_ranks
 from unmix_ray.config import TrialConfig
 from unmix_ray.data import image_loader
 from unmix_ray.evaluation import PROTOCOL_TAG, evaluate, knn_protocol, monitor_knn
 from unmix_ray.methods import build_method
 from unmix_ray.models import build_backbone
+from unmix_ray.norm import global_batchnorm, running_stats, wants_global_bn
 from unmix_ray.optim import build_optimizer, build_scheduler, scaled_lr
 from unmix_ray.step import NonFiniteLossError, Pretrainer, epoch_seed
 from unmix_ray.train.logger import RunLogger
@@ -45,13 +47,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            seed=trial.seed, rank=rank, world_size=world)
     torch.manual_seed(trial.seed)  # identical initialisation on every rank
     method = build_method(trial.method, build_backbone(tc.backbone, trial.dataset.channels)).to(device)
+    if wants_global_bn(tc.sync_bn, method.global_bn, world):  # before the optimiser and DDP see the modules
+        method = global_batchnorm(method, device)
     if tc.channels_last:
         method = method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(method, trial.method.optim, tc.batch_size)
     scheduler = build_scheduler(optimizer, trial.method.optim, len(batches), tc.epochs, tc.batch_size)
     start_epoch = restore(method, optimizer, scheduler, device)
-    # Buffers are not re-broadcast each step: BN statistics stay per rank (rank 0's are evaluated and
-    # checkpointed) and method state such as the MoCo queue is kept identical by construction.
+    # Buffers are not re-broadcast each step: method state such as the MoCo queue is kept identical by
+    # construction, and BN running statistics (per rank without global BN) are averaged over the ranks
+    # before every evaluation and checkpoint, so every rank's evaluation shard is encoded by one network.
     model = (ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
              if world > 1 else method)
     if tc.compile:
@@ -84,6 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "images_per_s": len(batches) * tc.batch_size / elapsed, "epoch": epoch + 1,
         }
         last = epoch + 1 == tc.epochs
+        average_buffers(running_stats(method))  # every rank, before the evaluations and checkpoint below
         if trial.eval.knn_every and (epoch + 1) % trial.eval.knn_every == 0:
             knn = monitor_knn(method, trial, device)  # every rank extracts a shard; rank 0 scores
             if knn is not None:
@@ -122,7 +128,8 @@ def final_evaluation(method: torch.nn.Module, trial: TrialConfig, device: torch.
         logger.log(result.metrics, step=trial.train.epochs)
         bank = f"{ds.train_split} split" + (f" (seeded subset of {ds.train_subset})" if ds.train_subset else "")
         logger.set_tags(result.tags | {
-            PROTOCOL_TAG + "monitor_knn": knn_protocol(ev, bank=bank, encoder_at="each epoch"),
+            PROTOCOL_TAG + "monitor_knn": knn_protocol(ev, bank=bank, encoder_at="each epoch",
+                                                       representation=method.knn_representation),
         })
     return result.metrics
 
