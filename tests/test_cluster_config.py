@@ -705,9 +705,9 @@ def test_kuberay_no_credentials(kuberay):
 
 def local_blocks(text: str) -> list[tuple[str, list[str]]]:
     """(marker, commands) of every ```sh local / ```sh local-error block: commands a test can run here."""
-    blocks = re.findall(r"^```sh (local(?:-error)?)\n(.*?)^```$", text, re.M | re.S)
-    return [(marker, [c for c in body.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")])
-            for marker, body in blocks]
+    blocks = re.findall(r"^ *```sh (local(?:-error)?)\n(.*?)^ *```$", text, re.M | re.S)
+    return [(marker, [c.strip() for c in body.replace("\\\n", " ").splitlines()
+                      if c.strip() and not c.strip().startswith("#")]) for marker, body in blocks]
 
 
 def test_docs_mark_the_commands_that_run_here():
