@@ -1,122 +1,59 @@
-"""Cluster configs, checked offline: Ray's own validation of the launcher YAML, Kubernetes' schemas for
-the KubeRay manifests (kubernetes-validate bundles them), and the invariants the project relies on
-(GPU placement by accelerator type, one image holding the lock, nothing installed at boot, datasets
-from S3, MLflow on PostgreSQL, no credentials, nothing public, a head sized for its trials).
-
-KubeRay's own CRD schemas (RayCluster, RayJob) ship in no package these machines can install, so the
-Ray resources are checked in two parts: every pod template inside them against Kubernetes'
-PodTemplateSpec schema, and the KubeRay fields this project uses by the structural checks below."""
+"""The AWS cluster launcher config, checked offline: Ray's own validation, and the invariants the project
+relies on (GPU placement by accelerator type, a head sized for its trials, one image holding the lock,
+nothing installed at boot, IMDSv2, no security group from Ray, datasets from S3, no credentials), plus
+docs/cluster.md's commands and paths. The KubeRay manifests: tests/test_cluster_kuberay.py."""
 
 from __future__ import annotations
 
 import copy
-import json
 import re
 import shlex
 import tomllib
-from pathlib import Path
 
 import pytest
-import yaml
 
 from unmix_ray.orchestration.throughput import load_throughput
-from unmix_ray.redact import is_secret_like, is_secret_name
+from unmix_ray.redact import is_secret_like
 
-ROOT = Path(__file__).resolve().parents[1]
-AWS = ROOT / "cluster" / "aws-gpu.yaml"
-KUBERAY = ROOT / "cluster" / "kuberay"
-DOCKERFILE = ROOT / "cluster" / "Dockerfile"
-PAPER = ROOT / "configs" / "sweeps" / "paper.yaml"
-DOCS = ROOT / "docs" / "cluster.md"
-BASE_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
-IMAGE_HOME = "/home/ray/unmix-ray"  # the Dockerfile's WORKDIR: the project inside the image
-K8S_VERSION = "1.33"  # Kubernetes (EKS) version the manifests are validated against
-PRIVATE_PORTS = {8265, 5000, 6379, 10001, 8076, 52365, 5432}  # dashboard, MLflow, GCS, client, objects, agent, db
-# EC2 facts the configs depend on: vCPUs, memory (GiB), GPUs and Ray's accelerator type of the GPU.
-INSTANCES = {
-    "m6i.2xlarge": (8, 32, 0, None),
-    "m6i.4xlarge": (16, 64, 0, None),
-    "m6i.8xlarge": (32, 128, 0, None),
-    "r6i.2xlarge": (8, 64, 0, None),
-    "r6i.4xlarge": (16, 128, 0, None),
-    "g5.xlarge": (4, 16, 1, "A10G"),
-    "p4d.24xlarge": (96, 1152, 8, "A100"),
-    "p5en.48xlarge": (192, 2048, 8, "H200"),
-}
-ACCELERATOR = "accelerator_type:"
-HEAD_MEMORY = re.compile(r"#\s*(\d+) running trials x ([\d.]+) GiB \+ ([\d.]+) GiB services = ([\d.]+) GiB")
-INSTALLS = re.compile(r"\b(pip3? install|uv pip|conda install|apt(-get)? install|aws s3 (sync|cp))\b")
-
-
-def strings(node):
-    """Every string (keys included) in a parsed YAML tree."""
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from strings(k)
-            yield from strings(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from strings(v)
-
-
-def gib(quantity: str | int) -> float:
-    """A Kubernetes memory quantity in GiB."""
-    units = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, "G": 1e9 / 2**30, "M": 1e6 / 2**30}
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?)?", str(quantity))
-    assert m, quantity
-    return float(m.group(1)) * (units[m.group(2)] if m.group(2) else 2**-30)
-
-
-def head_memory_model() -> tuple[int, float, float, float]:
-    """(trials, GiB per trial, GiB of services, total GiB) from the one comment in the launcher YAML."""
-    found = HEAD_MEMORY.findall(AWS.read_text())
-    assert len(found) == 1, "cluster/aws-gpu.yaml must state the head memory figure exactly once"
-    trials, per_trial, services, total = found[0]
-    return int(trials), float(per_trial), float(services), float(total)
+from .cluster_files import (
+    ACCELERATOR,
+    AWS,
+    BASE_IMAGE,
+    DOCKERFILE,
+    DOCS,
+    IMAGE_HOME,
+    INSTALLS,
+    INSTANCES,
+    ROOT,
+    all_commands,
+    all_pod_specs,
+    containers,
+    gib,
+    head_memory_model,
+    image_parts,
+    load_aws,
+    load_kuberay,
+    load_paper,
+    ray_specs,
+    start_param_resources,
+    strings,
+    worker_types,
+)
 
 
 @pytest.fixture(scope="module")
 def aws() -> dict:
-    return yaml.safe_load(AWS.read_text())
+    return load_aws()
 
 
 @pytest.fixture(scope="module")
 def kuberay() -> list[dict]:
-    docs = []
-    for path in sorted(KUBERAY.glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    return docs
+    return load_kuberay()
 
 
 @pytest.fixture(scope="module")
 def paper() -> dict:
-    return yaml.safe_load(PAPER.read_text())
-
-
-def worker_types(aws: dict) -> dict[str, dict]:
-    return {n: s for n, s in aws["available_node_types"].items() if n != aws["head_node_type"]}
-
-
-def all_commands(aws: dict) -> list[str]:
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-            "head_start_ray_commands", "worker_start_ray_commands")
-    out = [c for k in keys for c in aws.get(k, [])]
-    for spec in aws["available_node_types"].values():
-        out += [c for k in keys for c in spec.get(k, [])]
-    return out
-
-
-def image_parts(image: str) -> tuple[str, str, str]:
-    """(account, region, repository:tag) of an ECR image name."""
-    m = re.fullmatch(r"(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com/(.+:.+)", image)
-    assert m, f"{image} is not an ECR image name"
-    return m.group(1), m.group(2), m.group(3)
-
-
-# ----------------------------------------------------------------------------------------------
-# AWS cluster launcher
+    return load_paper()
 
 
 def test_ray_validates_the_launcher_config(aws):
@@ -347,102 +284,6 @@ def test_no_credentials_in_the_launcher_config(aws):
     assert aws["file_mounts"] == {"~/.ray/auth_token": "~/.ray/unmix-ray-aws.token"}
 
 
-class FakeRDS:
-    def __init__(self, instance: dict):
-        self.instance = instance
-
-    def describe_db_instances(self, DBInstanceIdentifier: str) -> dict:  # noqa: N803 (boto3's name)
-        assert DBInstanceIdentifier == self.instance["DBInstanceIdentifier"]
-        return {"DBInstances": [self.instance]}
-
-
-class FakeSecrets:
-    """Secrets Manager whose secret is rotated after ``rotate_after`` reads (never if None)."""
-
-    def __init__(self, arn: str, rotate_after: int | None = None):
-        self.arn, self.rotate_after, self.reads = arn, rotate_after, 0
-
-    def get_secret_value(self, SecretId: str) -> dict:  # noqa: N803
-        assert SecretId == self.arn
-        self.reads += 1
-        version = 2 if self.rotate_after is not None and self.reads > self.rotate_after else 1
-        return {"VersionId": f"v{version}", "SecretString": json.dumps({"username": "mlflow",
-                                                                       "password": f"p@ss/w:rd{version}"})}
-
-
-class FakeServer:
-    """An `mlflow server` process that exits with ``status`` after ``lifetime`` polls (never if None)."""
-
-    def __init__(self, calls: list, argv: list[str], env: dict, lifetime: int | None, status: int):
-        calls.append(("server", argv, env))
-        self.calls, self.lifetime, self.status, self.polls = calls, lifetime, status, 0
-        self.returncode = None
-
-    def poll(self):
-        self.polls += 1
-        if self.lifetime is not None and self.polls > self.lifetime:
-            self.returncode = self.status
-        return self.returncode
-
-    def terminate(self):
-        self.calls.append(("terminate", None, None))
-        self.lifetime = self.polls
-
-    def wait(self):
-        self.returncode = -15
-
-
-RDS_INSTANCE = {
-    "DBInstanceIdentifier": "unmix-mlflow", "Engine": "postgres", "DBName": "mlflow",
-    "Endpoint": {"Address": "unmix-mlflow.abc123.us-west-2.rds.amazonaws.com", "Port": 5432},
-    "MasterUserSecret": {"SecretArn": "arn:aws:secretsmanager:us-west-2:111122223333:secret:rds!db-1"},
-}
-DB_URI = "postgresql://mlflow@unmix-mlflow.abc123.us-west-2.rds.amazonaws.com:5432/mlflow?sslmode=require"
-
-
-def run_mlflow_server(rotate_after: int | None, lifetimes: list[int | None]) -> tuple[int, list]:
-    from cluster import mlflow_server
-
-    calls: list = []
-    servers = iter(lifetimes)
-    status = mlflow_server.serve(
-        "unmix-mlflow", ["--artifacts-destination", "s3://b/mlflow", "--host", "10.0.0.5"], FakeRDS(RDS_INSTANCE),
-        FakeSecrets(RDS_INSTANCE["MasterUserSecret"]["SecretArn"], rotate_after), check_every_s=600,
-        popen=lambda argv, env: FakeServer(calls, argv, env, next(servers), status=3),
-        run=lambda argv, env, check: calls.append(("run", argv, env)), sleep=lambda s: None)
-    return status, calls
-
-
-def test_mlflow_server_reads_the_database_password_from_secrets_manager():
-    status, calls = run_mlflow_server(rotate_after=None, lifetimes=[5])
-    assert status == 3  # the server's own exit status
-    assert [c[0] for c in calls] == ["run", "server"]  # the schema is upgraded before the server starts
-    assert calls[0][1] == ["mlflow", "db", "upgrade", DB_URI]
-    assert calls[1][1] == ["mlflow", "server", "--backend-store-uri", DB_URI, "--artifacts-destination",
-                           "s3://b/mlflow", "--host", "10.0.0.5"]
-    for _, argv, env in calls:
-        assert env["PGPASSWORD"] == "p@ss/w:rd1" and env["MLFLOW_BACKEND_STORE_URI"] == DB_URI
-        assert not any("p@ss" in a for a in argv)
-
-
-def test_mlflow_server_restarts_with_a_rotated_password():
-    # Read 1 starts the server; polls read the secret again; the 4th read sees the new version.
-    status, calls = run_mlflow_server(rotate_after=3, lifetimes=[None, 2])
-    assert [c[0] for c in calls] == ["run", "server", "terminate", "run", "server"]
-    assert calls[1][2]["PGPASSWORD"] == "p@ss/w:rd1" and calls[4][2]["PGPASSWORD"] == "p@ss/w:rd2"
-    assert status == 3
-
-
-def test_mlflow_server_refuses_an_unmanaged_or_foreign_database():
-    from cluster import mlflow_server
-
-    unmanaged = {k: v for k, v in RDS_INSTANCE.items() if k != "MasterUserSecret"}
-    with pytest.raises(SystemExit, match="manage-master-user-password"):
-        mlflow_server.find_database("unmix-mlflow", FakeRDS(unmanaged), FakeSecrets("none"))
-    with pytest.raises(SystemExit, match="expected postgres"):
-        mlflow_server.backend_uri(RDS_INSTANCE | {"Engine": "mysql"}, "mlflow")
-
-
 # ----------------------------------------------------------------------------------------------
 # Datasets
 
@@ -463,282 +304,6 @@ def test_paper_datasets_are_staged_from_s3(paper, aws):
         expected = SMALL_ARCHIVES.get(name, f"{name}/")
         assert entry["source"] == f"s3://{bucket}/datasets/{expected}", name
     assert not data_mount.endswith(":ro")
-
-
-# ----------------------------------------------------------------------------------------------
-# KubeRay
-
-
-def ray_specs(kuberay) -> list[tuple[str, dict]]:
-    out = []
-    for doc in kuberay:
-        if doc["kind"] == "RayCluster":
-            out.append(("RayCluster", doc["spec"]))
-        elif doc["kind"] == "RayJob":
-            out.append(("RayJob", doc["spec"]["rayClusterSpec"]))
-    return out
-
-
-def pod_templates(spec: dict) -> list[tuple[str, dict]]:
-    out = [("head", spec["headGroupSpec"]["template"])]
-    out += [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
-    return out
-
-
-def all_pod_specs(doc: dict) -> list[dict]:
-    """The pod specs a manifest makes (Deployment, StatefulSet, the Ray pod templates)."""
-    if doc["kind"] in ("Deployment", "StatefulSet"):
-        return [doc["spec"]["template"]["spec"]]
-    if doc["kind"] == "RayCluster":
-        return [t["spec"] for _, t in pod_templates(doc["spec"])]
-    if doc["kind"] == "RayJob":
-        return [t["spec"] for _, t in pod_templates(doc["spec"]["rayClusterSpec"])]
-    return []
-
-
-def containers(pod_spec: dict) -> list[dict]:
-    return pod_spec.get("initContainers", []) + pod_spec["containers"]
-
-
-def by_name(kuberay, kind: str, name: str) -> dict:
-    return next(d for d in kuberay if d["kind"] == kind and d["metadata"]["name"] == name)
-
-
-def test_kuberay_manifests_parse(kuberay):
-    kinds = {d["kind"] for d in kuberay}
-    assert {"RayCluster", "RayJob", "ServiceAccount", "Service", "Deployment", "StatefulSet", "NetworkPolicy",
-            "PersistentVolume", "PersistentVolumeClaim"} <= kinds
-    assert "Secret" not in kinds and "Ingress" not in kinds
-    for doc in kuberay:
-        if doc["kind"] in ("Namespace", "PersistentVolume"):  # cluster-scoped
-            assert "namespace" not in doc["metadata"]
-        else:
-            assert doc["metadata"]["namespace"] == "unmix-ray", doc["metadata"]["name"]
-
-
-def k8s_validate(doc: dict) -> None:
-    import kubernetes_validate  # in the dev extra; bundles Kubernetes' schemas (no network)
-
-    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-
-
-def as_pod_template(name: str, template: dict) -> dict:
-    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
-
-
-def test_kubernetes_objects_match_kubernetes_schemas(kuberay):
-    checked = 0
-    for doc in kuberay:
-        if doc["kind"] not in ("RayCluster", "RayJob"):
-            k8s_validate(doc)
-            checked += 1
-    assert checked >= 10
-
-
-def test_ray_pod_templates_match_the_pod_template_schema(kuberay):
-    for kind, spec in ray_specs(kuberay):
-        for name, template in pod_templates(spec):
-            k8s_validate(as_pod_template(f"{kind.lower()}-{name}", template))
-
-
-def test_schema_validation_finds_mistakes(kuberay):
-    import kubernetes_validate
-
-    _, spec = ray_specs(kuberay)[0]
-    template = copy.deepcopy(spec["workerGroupSpecs"][0]["template"])
-    template["spec"]["containers"][0]["volumeMount"] = template["spec"]["containers"][0].pop("volumeMounts")
-    with pytest.raises(kubernetes_validate.ValidationError, match="volumeMount"):
-        k8s_validate(as_pod_template("typo", template))
-    service = copy.deepcopy(by_name(kuberay, "Service", "unmix-mlflow"))
-    service["spec"]["ports"][0]["port"] = "five thousand"
-    with pytest.raises(kubernetes_validate.ValidationError):
-        k8s_validate(service)
-
-
-# The KubeRay (ray.io/v1) fields this project uses; KubeRay's CRD schemas are not installable here.
-RAY_CLUSTER_FIELDS = {"rayVersion", "authOptions", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
-                      "workerGroupSpecs"}
-HEAD_GROUP_FIELDS = {"serviceType", "rayStartParams", "template"}
-WORKER_GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"}
-RAY_JOB_FIELDS = {"entrypoint", "runtimeEnvYAML", "submissionMode", "backoffLimit", "shutdownAfterJobFinishes",
-                  "ttlSecondsAfterFinished", "rayClusterSpec"}
-
-
-def start_param_resources(params: dict) -> dict[str, float]:
-    """KubeRay puts rayStartParams.resources into the shell command `ray start --resources=<value>`:
-    a JSON map, shell-quoted."""
-    value = params.get("resources")
-    if value is None:
-        return {}
-    words = shlex.split(value)
-    assert len(words) == 1, value
-    resources = json.loads(words[0])
-    assert all(isinstance(v, (int, float)) for v in resources.values()), value
-    return resources
-
-
-def test_ray_resources_use_only_known_kuberay_fields(kuberay):
-    job = next(d for d in kuberay if d["kind"] == "RayJob")
-    assert set(job["spec"]) <= RAY_JOB_FIELDS, set(job["spec"]) - RAY_JOB_FIELDS
-    assert job["spec"]["submissionMode"] in ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
-    for kind, spec in ray_specs(kuberay):
-        assert set(spec) <= RAY_CLUSTER_FIELDS, (kind, set(spec) - RAY_CLUSTER_FIELDS)
-        assert spec["authOptions"] == {"mode": "token"}, kind
-        assert spec["autoscalerOptions"]["upscalingMode"] in ("Default", "Aggressive", "Conservative")
-        assert set(spec["headGroupSpec"]) <= HEAD_GROUP_FIELDS, kind
-        names = [g["groupName"] for g in spec["workerGroupSpecs"]]
-        assert len(set(names)) == len(names), names
-        for group in spec["workerGroupSpecs"]:
-            assert set(group) <= WORKER_GROUP_FIELDS, (kind, set(group) - WORKER_GROUP_FIELDS)
-            assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", group["groupName"])
-            assert all(isinstance(group[k], int) for k in ("replicas", "minReplicas", "maxReplicas"))
-        for params in [spec["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in
-                                                                    spec["workerGroupSpecs"]]:
-            assert all(isinstance(v, str) for v in params.values()), params  # map[string]string
-            start_param_resources(params)
-
-
-def test_rayjob_runs_the_paper_sweep_on_the_raycluster_spec(kuberay, paper):
-    from unmix_ray.config.files import apply_overrides
-
-    job = next(d for d in kuberay if d["kind"] == "RayJob")
-    cluster = next(d for d in kuberay if d["kind"] == "RayCluster")
-    assert job["spec"]["rayClusterSpec"] == cluster["spec"], "rayjob.yaml must carry raycluster.yaml's spec"
-    words = shlex.split(job["spec"]["entrypoint"])
-    assert words[:6] == ["python", "jobs/sweep.py", "--config", "configs/sweeps/paper.yaml", "--cluster",
-                         "cluster/kuberay/raycluster.yaml"]
-    for path in (words[1], words[3], words[5]):
-        assert (ROOT / path).is_file(), path
-    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"]) == {"working_dir": IMAGE_HOME}
-    overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
-    assert len(words) == 6 + 2 * len(overrides)
-    imagenet = apply_overrides(paper, overrides)["datasets"]["imagenet"]
-    assert imagenet["source"] is None  # read in place from the read-only FSx volume
-    for _, template in pod_templates(cluster["spec"])[1:]:
-        mounts = {m["name"]: m for m in template["spec"]["containers"][0]["volumeMounts"]}
-        assert imagenet["root"].startswith(mounts["datasets"]["mountPath"] + "/")
-    assert job["spec"]["shutdownAfterJobFinishes"] is True
-
-
-def test_kuberay_gpu_groups_and_head(kuberay, aws):
-    aws_max = {s["node_config"]["InstanceType"]: s["max_workers"] for s in worker_types(aws).values()
-               if "InstanceMarketOptions" not in s["node_config"]}
-    aws_head = aws["available_node_types"][aws["head_node_type"]]["node_config"]["InstanceType"]
-    for kind, spec in ray_specs(kuberay):
-        assert spec["rayVersion"] == "2.60.0", kind
-        head = spec["headGroupSpec"]
-        assert head.get("serviceType", "ClusterIP") == "ClusterIP"
-        assert head["rayStartParams"]["num-cpus"] == "0"
-        assert set(start_param_resources(head["rayStartParams"])) == {"trial_driver"}
-        resources = head["template"]["spec"]["containers"][0]["resources"]
-        assert "nvidia.com/gpu" not in resources["limits"] and resources["requests"] == resources["limits"]
-        vcpus, memory, _, _ = INSTANCES[aws_head]
-        assert float(resources["limits"]["cpu"]) <= 0.95 * vcpus and gib(resources["limits"]["memory"]) <= 0.9 * memory
-        instances = set()
-        for group in spec["workerGroupSpecs"]:
-            name = group["groupName"]
-            assert group["minReplicas"] == 0 and 0 <= group["replicas"] <= group["maxReplicas"], name
-            instance = group["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"]
-            instances.add(instance)
-            vcpus, memory, gpus, accelerator = INSTANCES[instance]
-            assert start_param_resources(group["rayStartParams"]) == {ACCELERATOR + accelerator: 1}, name
-            container = group["template"]["spec"]["containers"][0]
-            limits, requests = container["resources"]["limits"], container["resources"]["requests"]
-            assert requests == limits and int(limits["nvidia.com/gpu"]) == gpus, name
-            assert float(limits["cpu"]) <= 0.95 * vcpus and gib(limits["memory"]) <= 0.9 * memory, name
-            assert group["maxReplicas"] == aws_max[instance], f"{name}: same scale as cluster/aws-gpu.yaml"
-        assert instances == set(aws_max), kind
-
-
-def test_kuberay_datasets_volume_is_fsx_mounted_read_only(kuberay, paper):
-    pv = by_name(kuberay, "PersistentVolume", "unmix-ray-datasets")
-    pvc = by_name(kuberay, "PersistentVolumeClaim", "unmix-ray-datasets")
-    assert pv["spec"]["csi"]["driver"] == "fsx.csi.aws.com"
-    assert pv["spec"]["csi"]["volumeHandle"].startswith("fs-")
-    assert pv["spec"]["accessModes"] == pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # FSx CSI: no ROX
-    assert pv["spec"]["storageClassName"] == pvc["spec"]["storageClassName"] == ""  # bound statically
-    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
-    assert pv["spec"]["claimRef"] == {"namespace": pvc["metadata"]["namespace"], "name": pvc["metadata"]["name"]}
-    assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
-    staged = {n: d["root"] for n, d in paper["datasets"].items() if d.get("source")}
-    for _, spec in ray_specs(kuberay):
-        for name, template in pod_templates(spec)[1:]:
-            volumes = {v["name"]: v for v in template["spec"]["volumes"]}
-            mounts = {m["name"]: m for m in template["spec"]["containers"][0]["volumeMounts"]}
-            assert volumes["datasets"]["persistentVolumeClaim"] == {"claimName": pvc["metadata"]["name"],
-                                                                    "readOnly": True}, name
-            assert mounts["datasets"]["readOnly"] is True, name
-            # The S3-staged datasets land on a writable scratch volume of the pod.
-            assert "emptyDir" in volumes["staging"] and not mounts["staging"].get("readOnly"), name
-            for root in staged.values():
-                assert root.startswith(mounts["staging"]["mountPath"] + "/"), (name, root)
-
-
-def test_kuberay_mlflow_runs_on_postgres_with_the_password_from_a_secret(kuberay):
-    db = by_name(kuberay, "StatefulSet", "unmix-mlflow-db")
-    db_service = by_name(kuberay, "Service", "unmix-mlflow-db")
-    mlflow = by_name(kuberay, "Deployment", "unmix-mlflow")
-    postgres = db["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e for e in postgres["env"]}
-    secret = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
-    data = db["spec"]["volumeClaimTemplates"][0]
-    assert postgres["volumeMounts"][0]["name"] == data["metadata"]["name"]
-    assert env["PGDATA"]["value"].startswith(postgres["volumeMounts"][0]["mountPath"] + "/")
-    assert db_service["spec"]["selector"] == db["spec"]["selector"]["matchLabels"]
-    assert db_service["spec"]["ports"][0]["port"] == 5432
-    pod = mlflow["spec"]["template"]["spec"]
-    (init,) = pod["initContainers"]
-    assert init["command"] == ["mlflow", "db", "upgrade", "$(MLFLOW_BACKEND_STORE_URI)"]
-    server = pod["containers"][0]
-    assert server["command"][:2] == ["mlflow", "server"]
-    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in server["command"]
-    assert any(a.startswith("--artifacts-destination=s3://") for a in server["command"])
-    user, database = env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]
-    host = f"{db_service['metadata']['name']}.{db_service['metadata']['namespace']}.svc.cluster.local"
-    for container in (init, server):
-        cenv = {e["name"]: e for e in container["env"]}
-        assert cenv["MLFLOW_BACKEND_STORE_URI"]["value"] == f"postgresql://{user}@{host}:5432/{database}"
-        assert cenv["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == secret  # libpq reads it; not in the URI
-    policy = by_name(kuberay, "NetworkPolicy", "unmix-mlflow-db-clients")
-    assert policy["spec"]["podSelector"]["matchLabels"] == db["spec"]["selector"]["matchLabels"]
-    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": mlflow["spec"]["selector"][
-        "matchLabels"]}}], "ports": [{"port": 5432, "protocol": "TCP"}]}]
-
-
-def test_kuberay_pods_use_irsa_and_the_private_mlflow(kuberay):
-    service = by_name(kuberay, "Service", "unmix-mlflow")
-    policy = by_name(kuberay, "NetworkPolicy", "unmix-mlflow-clients")
-    client_label = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
-    sa = next(d for d in kuberay if d["kind"] == "ServiceAccount")
-    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
-    for _, spec in ray_specs(kuberay):
-        for name, template in pod_templates(spec):
-            assert template["spec"]["serviceAccountName"] == sa["metadata"]["name"], name
-            assert client_label.items() <= template["metadata"]["labels"].items(), name
-            env = {e["name"]: e for e in template["spec"]["containers"][0].get("env", [])}
-            assert env["MLFLOW_TRACKING_URI"]["value"].startswith(f"http://{service['metadata']['name']}.")
-
-
-def test_kuberay_nothing_public(kuberay):
-    for doc in kuberay:
-        if doc["kind"] == "Service":
-            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", doc["metadata"]["name"]
-        for text in strings(doc):
-            assert text not in ("LoadBalancer", "NodePort")
-        for pod in all_pod_specs(doc):
-            assert not pod.get("hostNetwork"), doc["metadata"]["name"]
-            for c in containers(pod):
-                assert all("hostPort" not in p for p in c.get("ports", [])), doc["metadata"]["name"]
-
-
-def test_kuberay_no_credentials(kuberay):
-    for doc in kuberay:
-        assert not [s for s in strings(doc) if is_secret_like(s)], doc["metadata"]["name"]
-        for pod in all_pod_specs(doc):
-            for c in containers(pod):
-                for e in c.get("env", []):
-                    if is_secret_name(e["name"]) or re.search(r"PASSWORD|TOKEN|SECRET|KEY", e["name"]):
-                        assert "value" not in e, e["name"]  # secrets come from valueFrom only
 
 
 # ----------------------------------------------------------------------------------------------
