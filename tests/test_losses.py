@@ -150,7 +150,7 @@ def test_lars_clip_caps_the_local_rate_at_the_global_one():
 
 def test_build_optimizer_makes_lars_with_the_config_groups():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    config = OptimConfig(name="lars", lr=0.6, base_batch_size=128, weight_decay=1e-6)
+    config = OptimConfig(name="lars", lr=0.6, base_batch_size=128, weight_decay=1e-6, wd_exclude_norm_bias=True)
     opt = build_optimizer(model, config, global_batch=256)
     assert isinstance(opt, LARS)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1.2)] * 2
