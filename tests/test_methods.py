@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from unmix_ray.compose import compose_sweep
-from unmix_ray.config import CONFIG_DIR, ConfigError, MethodConfig, MixtureConfig
+from unmix_ray.config import CONFIG_DIR, ConfigError, MethodConfig, MixtureConfig, OptimConfig
 from unmix_ray.losses.byol import normalized_mse
 from unmix_ray.losses.info_nce import info_nce
 from unmix_ray.losses.nt_xent import nt_xent
@@ -18,6 +18,7 @@ from unmix_ray.methods import METHODS, build_method
 from unmix_ray.methods.byol import target_momentum
 from unmix_ray.methods.moco import MoCo, same_mixture
 from unmix_ray.models import NarrowResNet
+from unmix_ray.optim import build_optimizer
 from unmix_ray.unmix import Mixture, MixtureSampler, cutmix, flip, mixup
 
 torch.set_num_threads(1)
@@ -297,6 +298,39 @@ def test_swav_codes_meet_their_marginals_and_prototypes_stay_unit():
     assert not torch.allclose(m.prototypes.weight.norm(dim=1), torch.ones(10))
     m.after_step(0.1)
     torch.testing.assert_close(m.prototypes.weight.norm(dim=1), torch.ones(10))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_swav_prototypes_do_not_move_while_frozen_and_do_after(optimizer):
+    """freeze_prototypes_iters = 3: the prototypes keep their weights through optimiser steps 1-3 (even
+    with weight decay and momentum, their gradient is dropped) and move at step 4; the rest of the
+    network moves from step 1. The count of steps survives a state_dict round trip."""
+    torch.manual_seed(0)
+    params = SMALL["swav"] | {"freeze_prototypes_iters": 3}
+    m = build_method(MethodConfig(name="swav", params=params), NarrowResNet(3, 8)).train()
+    opt = build_optimizer(m, OptimConfig(name=optimizer, lr=0.5, weight_decay=0.1), 8)
+    x0, x1 = batch()
+    mix = mixture_of(x0, "mixup")
+    start = m.prototypes.weight.detach().clone()
+    head = m.projector[0].weight.detach().clone()
+    saved = None
+    for step in range(1, 5):
+        opt.zero_grad()
+        m(x0, x1, mix).total.backward()
+        assert m.prototypes.weight.grad is not None  # the loss does reach them; the optimiser drops it
+        opt.step()
+        m.after_step(step / 4)
+        moved = not torch.equal(m.prototypes.weight, start)
+        assert moved == (step == 4), step
+        assert not torch.equal(m.projector[0].weight, head)
+        if step == 2:
+            saved = m.state_dict()
+    fresh = build_method(MethodConfig(name="swav", params=params), NarrowResNet(3, 8))
+    fresh.load_state_dict(saved)
+    assert fresh.optimizer_steps == 2
+    assert fresh.frozen_parameters() == [fresh.prototypes.weight]
+    fresh.after_step(0.75)
+    assert fresh.frozen_parameters() == []
 
 
 def test_swav_scores_stay_float32_under_bf16_autocast():
