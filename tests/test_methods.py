@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from unmix_ray.compose import compose_sweep
@@ -30,6 +31,7 @@ SMALL = {
     "byol_online": {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32, "mix_branches": "online"},
     "moco_v1": {"proj_dim": 16, "queue_size": 64},
     "moco_v1_sym": {"proj_dim": 16, "queue_size": 64, "symmetric": True},
+    "moco_v1_sym_both": {"proj_dim": 16, "queue_size": 64, "symmetric": True, "symmetric_mix": "both_views"},
     "moco_v2": {"proj_hidden": 32, "proj_dim": 16, "queue_size": 64},
     "swav": {"proj_hidden": 32, "proj_dim": 16, "n_prototypes": 10},
 }
@@ -38,7 +40,7 @@ VARIANTS = list(SMALL)
 
 def make(variant: str, seed: int = 0):
     torch.manual_seed(seed)
-    name = variant.removesuffix("_online").removesuffix("_sym")
+    name = variant.removesuffix("_online").removesuffix("_both").removesuffix("_sym")
     return build_method(MethodConfig(name=name, params=SMALL[variant]), NarrowResNet(3, 8)).train()
 
 
@@ -153,7 +155,8 @@ def test_flipped_outputs_equal_a_real_forward_of_the_flipped_mixture(variant, ki
 
         expected = half(x0, x1, mix.images)
         if m.params.symmetric:
-            expected = expected + half(x1, x0, same_mixture(mix, x1))
+            swapped_mix = mix.images if m.params.symmetric_mix == "view0" else same_mixture(mix, x1)
+            expected = expected + half(x1, x0, swapped_mix)
     else:
         o0, o1 = m.outputs(x0), m.outputs(x1)
         expected = (m.loss(o0, o1) + lam * m.loss(o1, m.mix_outputs(mix.images))
@@ -238,6 +241,40 @@ def test_moco_enqueues_only_clean_keys(variant):
     n = sum(k.shape[0] for k in keys)
     assert int(m.queue_ptr) == n
     torch.testing.assert_close(m.queue[:n], torch.cat(keys))
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_moco_symmetric_default_is_the_authors_formula(kind):
+    """The authors' symmetric MoCo (unmix_c10.py): one mixture, of the first view, in both halves:
+    L(q0,k1) + L(q1,k0) + lam L(qm,k1) + (1-lam) L(flip qm,k1) + lam L(qm,k0) + (1-lam) L(flip qm,k0),
+    with L the InfoNCE of a query against its key and the queue; keys of both views enqueued."""
+    m = make("moco_v1_sym")
+    assert m.params.symmetric_mix == "view0"
+    x0, x1 = batch()
+    mix = mixture_of(x0, kind)
+    lam, t, queue = mix.lam, m.params.temperature, m.queue.clone()
+
+    def encode(x):
+        return F.normalize(m.projector(m.backbone(x)), dim=1)
+
+    def key(x):
+        with torch.no_grad():
+            return F.normalize(m.key_projector(m.key_backbone(x)), dim=1)
+
+    def L(q, k):
+        return info_nce(q, k, queue, t)
+
+    q0, q1, qm, k0, k1 = encode(x0), encode(x1), encode(mix.images), key(x0), key(x1)
+    by_hand = (L(q0, k1) + L(q1, k0) + lam * L(qm, k1) + (1 - lam) * L(qm.flip(0), k1)
+               + lam * L(qm, k0) + (1 - lam) * L(qm.flip(0), k0))
+    out = m(x0, x1, mix)
+    torch.testing.assert_close(out.total, by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.clean, L(q0, k1) + L(q1, k0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.queue[: 2 * x0.shape[0]], torch.cat([k1, k0]), rtol=1e-5, atol=1e-6)
+    # The other form mixes the second view for the swapped half, so it differs from the authors'.
+    other = make("moco_v1_sym_both")
+    other.queue.copy_(queue)
+    assert not torch.allclose(other(x0, x1, mix).total, by_hand, rtol=1e-3)
 
 
 def test_moco_key_encoder_follows_the_momentum_rule():
