@@ -169,14 +169,14 @@ class OptimConfig(Model):
     ``lr * global_batch / base_batch_size`` (linear scaling), logged as ``lr_scaled``.
 
     Schedule (``unmix_ray.optim.lr_factor``): a linear warm-up over ``warmup_epochs`` or
-    ``warmup_iters`` optimiser steps (0: none; setting both is an error), then ``cosine`` down to
+    ``warmup_iters`` optimiser steps (0: none; both non-zero is an error), then ``cosine`` down to
     ``final_lr``, ``constant``, or ``step``: the lr times ``gamma`` once per milestone passed, with
     ``milestones`` in epochs (the lr of epoch ``e`` is ``lr * gamma ** #{m <= e}``, as MoCo's
     ``--schedule`` and torch's ``MultiStepLR`` count them).
 
     Weight decay applies to every parameter, as ``torch.optim`` does and as the MoCo, SwAV and
     SimCLR/BYOL harness recipes train; ``wd_exclude_norm_bias: true`` exempts biases and normalisation
-    parameters (every 1-d tensor), the rule of recipes such as BYOL's LARS or SimSiam's.
+    parameters (every 1-d tensor), as SimCLR's and BYOL's ImageNet LARS recipes do.
     """
 
     name: Literal["sgd", "adam", "lars"] = "sgd"
