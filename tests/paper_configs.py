@@ -3,7 +3,9 @@
 overrides, plan) can be tested before those datasets and methods are registered.
 
 The stand-in datasets carry the real datasets' shapes and split names; the stand-in methods are
-SimCLR under the other names. Nothing is loaded or trained, so only the structure is exercised.
+SimCLR under the names of methods not registered yet (a registered method keeps its real config, which
+the sweep's per-cell recipes are written for). Nothing is loaded or trained, so only the structure is
+exercised.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def standin_config_dir(tmp_path: Path, monkeypatch) -> Path:
         (config_dir / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(data))
     simclr = yaml.safe_load((CONFIG_DIR / "methods" / "simclr.yaml").read_text())
     for name in PAPER_METHODS:
+        if name in METHODS and (CONFIG_DIR / "methods" / f"{name}.yaml").is_file():
+            continue  # registered: its real config takes the sweep's per-cell recipe
         (config_dir / "methods" / f"{name}.yaml").write_text(yaml.safe_dump(simclr | {"name": name}))
         monkeypatch.setitem(METHODS, name, SimCLR)
     return config_dir

@@ -150,7 +150,7 @@ def test_lars_clip_caps_the_local_rate_at_the_global_one():
 
 def test_build_optimizer_makes_lars_with_the_config_groups():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    config = OptimConfig(name="lars", lr=0.6, base_batch_size=128, weight_decay=1e-6)
+    config = OptimConfig(name="lars", lr=0.6, base_batch_size=128, weight_decay=1e-6, wd_exclude_norm_bias=True)
     opt = build_optimizer(model, config, global_batch=256)
     assert isinstance(opt, LARS)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1.2)] * 2
@@ -164,3 +164,23 @@ def test_info_nce_stays_float32_under_bf16_autocast():
         under_autocast = info_nce(q, k, queue, 0.07)
     assert under_autocast.dtype == torch.float32
     torch.testing.assert_close(under_autocast, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_nt_xent_stays_float32_under_bf16_autocast():
+    """Under bf16 autocast the loss equals the float32 loss to float32 precision, and its gradient too:
+    the logits are computed in float32 whatever the inputs' dtype."""
+    a, b = torch.randn(16, 32, generator=torch.Generator().manual_seed(1)), unit(16, 32, seed=2)
+    a32, a16 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    exact = nt_xent(a32, b, 0.1, gather=False)
+    exact.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = nt_xent(a16, b, 0.1, gather=False)
+    under_autocast.backward()
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, rtol=1.3e-6, atol=1e-6)
+    torch.testing.assert_close(a16.grad, a32.grad, rtol=1.3e-6, atol=1e-7)
+    # A bfloat16 matmul of the same inputs is not that close: the check can fail.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / 0.1
+    exact_logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / 0.1
+    assert bf16_logits.dtype == torch.bfloat16 and (bf16_logits.float() - exact_logits).abs().max() > 1e-3

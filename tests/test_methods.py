@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from unmix_ray.compose import compose_sweep
-from unmix_ray.config import CONFIG_DIR, ConfigError, MethodConfig, MixtureConfig
+from unmix_ray.config import CONFIG_DIR, ConfigError, MethodConfig, MixtureConfig, OptimConfig
 from unmix_ray.losses.byol import normalized_mse
 from unmix_ray.losses.info_nce import info_nce
 from unmix_ray.losses.nt_xent import nt_xent
@@ -18,6 +20,7 @@ from unmix_ray.methods import METHODS, build_method
 from unmix_ray.methods.byol import target_momentum
 from unmix_ray.methods.moco import MoCo, same_mixture
 from unmix_ray.models import NarrowResNet
+from unmix_ray.optim import build_optimizer
 from unmix_ray.unmix import Mixture, MixtureSampler, cutmix, flip, mixup
 
 torch.set_num_threads(1)
@@ -29,6 +32,7 @@ SMALL = {
     "byol_online": {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32, "mix_branches": "online"},
     "moco_v1": {"proj_dim": 16, "queue_size": 64},
     "moco_v1_sym": {"proj_dim": 16, "queue_size": 64, "symmetric": True},
+    "moco_v1_sym_both": {"proj_dim": 16, "queue_size": 64, "symmetric": True, "symmetric_mix": "both_views"},
     "moco_v2": {"proj_hidden": 32, "proj_dim": 16, "queue_size": 64},
     "swav": {"proj_hidden": 32, "proj_dim": 16, "n_prototypes": 10},
 }
@@ -37,7 +41,7 @@ VARIANTS = list(SMALL)
 
 def make(variant: str, seed: int = 0):
     torch.manual_seed(seed)
-    name = variant.removesuffix("_online").removesuffix("_sym")
+    name = variant.removesuffix("_online").removesuffix("_both").removesuffix("_sym")
     return build_method(MethodConfig(name=name, params=SMALL[variant]), NarrowResNet(3, 8)).train()
 
 
@@ -152,7 +156,8 @@ def test_flipped_outputs_equal_a_real_forward_of_the_flipped_mixture(variant, ki
 
         expected = half(x0, x1, mix.images)
         if m.params.symmetric:
-            expected = expected + half(x1, x0, same_mixture(mix, x1))
+            swapped_mix = mix.images if m.params.symmetric_mix == "view0" else same_mixture(mix, x1)
+            expected = expected + half(x1, x0, swapped_mix)
     else:
         o0, o1 = m.outputs(x0), m.outputs(x1)
         expected = (m.loss(o0, o1) + lam * m.loss(o1, m.mix_outputs(mix.images))
@@ -239,6 +244,40 @@ def test_moco_enqueues_only_clean_keys(variant):
     torch.testing.assert_close(m.queue[:n], torch.cat(keys))
 
 
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_moco_symmetric_default_is_the_authors_formula(kind):
+    """The authors' symmetric MoCo (unmix_c10.py): one mixture, of the first view, in both halves:
+    L(q0,k1) + L(q1,k0) + lam L(qm,k1) + (1-lam) L(flip qm,k1) + lam L(qm,k0) + (1-lam) L(flip qm,k0),
+    with L the InfoNCE of a query against its key and the queue; keys of both views enqueued."""
+    m = make("moco_v1_sym")
+    assert m.params.symmetric_mix == "view0"
+    x0, x1 = batch()
+    mix = mixture_of(x0, kind)
+    lam, t, queue = mix.lam, m.params.temperature, m.queue.clone()
+
+    def encode(x):
+        return F.normalize(m.projector(m.backbone(x)), dim=1)
+
+    def key(x):
+        with torch.no_grad():
+            return F.normalize(m.key_projector(m.key_backbone(x)), dim=1)
+
+    def L(q, k):
+        return info_nce(q, k, queue, t)
+
+    q0, q1, qm, k0, k1 = encode(x0), encode(x1), encode(mix.images), key(x0), key(x1)
+    by_hand = (L(q0, k1) + L(q1, k0) + lam * L(qm, k1) + (1 - lam) * L(qm.flip(0), k1)
+               + lam * L(qm, k0) + (1 - lam) * L(qm.flip(0), k0))
+    out = m(x0, x1, mix)
+    torch.testing.assert_close(out.total, by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.clean, L(q0, k1) + L(q1, k0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.queue[: 2 * x0.shape[0]], torch.cat([k1, k0]), rtol=1e-5, atol=1e-6)
+    # The other form mixes the second view for the swapped half, so it differs from the authors'.
+    other = make("moco_v1_sym_both")
+    other.queue.copy_(queue)
+    assert not torch.allclose(other(x0, x1, mix).total, by_hand, rtol=1e-3)
+
+
 def test_moco_key_encoder_follows_the_momentum_rule():
     m = make("moco_v2")
     x0, x1 = batch()
@@ -297,6 +336,42 @@ def test_swav_codes_meet_their_marginals_and_prototypes_stay_unit():
     assert not torch.allclose(m.prototypes.weight.norm(dim=1), torch.ones(10))
     m.after_step(0.1)
     torch.testing.assert_close(m.prototypes.weight.norm(dim=1), torch.ones(10))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_swav_prototypes_do_not_move_while_frozen_and_do_after(optimizer):
+    """freeze_prototypes_iters = 3: the prototypes keep their weights through optimiser steps 1-3 (even
+    with weight decay and momentum, their gradient is dropped) and move at step 4; the rest of the
+    network moves from step 1. The count of steps survives a state_dict round trip."""
+    torch.manual_seed(0)
+    params = SMALL["swav"] | {"freeze_prototypes_iters": 3}
+    m = build_method(MethodConfig(name="swav", params=params), NarrowResNet(3, 8)).train()
+    opt = build_optimizer(m, OptimConfig(name=optimizer, lr=0.5, weight_decay=0.1), 8)
+    x0, x1 = batch()
+    mix = mixture_of(x0, "mixup")
+    start = m.prototypes.weight.detach().clone()
+    head = m.projector[0].weight.detach().clone()
+    saved = None
+    for step in range(1, 5):
+        opt.zero_grad()
+        m(x0, x1, mix).total.backward()
+        assert m.prototypes.weight.grad is not None  # the loss does reach them; the optimiser drops it
+        opt.step()
+        m.after_step(step / 4)
+        moved = not torch.equal(m.prototypes.weight, start)
+        assert moved == (step == 4), step
+        assert not torch.equal(m.projector[0].weight, head)
+        if step == 2:
+            saved = m.state_dict()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)  # as a checkpoint holds it, read back as checkpoints are (tensors only)
+    buffer.seek(0)
+    fresh = build_method(MethodConfig(name="swav", params=params), NarrowResNet(3, 8))
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fresh.optimizer_steps == 2
+    assert fresh.frozen_parameters() == [fresh.prototypes.weight]
+    fresh.after_step(0.75)
+    assert fresh.frozen_parameters() == []
 
 
 def test_swav_scores_stay_float32_under_bf16_autocast():

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
-from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 
 def _cifar_stem(model: ResNet, in_channels: int) -> ResNet:
@@ -29,6 +29,24 @@ def _headless(model: ResNet) -> ResNet:
 def resnet18_cifar(in_channels: int = 3) -> nn.Module:
     """The paper's CIFAR ResNet-18: 3x3 stride-1 stem, no max-pool, 512-d features."""
     return _headless(_cifar_stem(resnet18(), in_channels))
+
+
+def resnet18_small_maxpool(in_channels: int = 3) -> nn.Module:
+    """The ResNet-18 of the SimCLR/BYOL harness outside CIFAR (STL-10, Tiny ImageNet at 64 px): the 3x3
+    stride-1 stem, but the max-pool kept, so the residual stages see 32 px maps; 512-d features."""
+    model = resnet18()
+    model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+    return _headless(model)
+
+
+def resnet18_bottleneck_cifar(in_channels: int = 3) -> nn.Module:
+    """What the authors' SwAV CIFAR code builds as ``resnet18``: Bottleneck blocks in stages of
+    [2, 2, 2, 2] (26 layers, 2048-d features), a 1-pixel zero pad before a 3x3 stride-1 stem (so a
+    32 px image gives 34 px maps), no max-pool."""
+    model = ResNet(Bottleneck, [2, 2, 2, 2])
+    model.conv1 = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False))
+    model.maxpool = nn.Identity()
+    return _headless(model)
 
 
 def resnet18_imagenet(in_channels: int = 3) -> nn.Module:
@@ -73,6 +91,8 @@ class NarrowResNet(nn.Module):
 
 BACKBONES: dict[str, Callable[[int], nn.Module]] = {
     "resnet18_cifar": resnet18_cifar,
+    "resnet18_small_maxpool": resnet18_small_maxpool,
+    "resnet18_bottleneck_cifar": resnet18_bottleneck_cifar,
     "resnet18": resnet18_imagenet,
     "resnet50": resnet50_imagenet,
     "resnet_narrow": NarrowResNet,

@@ -1,11 +1,17 @@
-"""Optimisers and per-step learning-rate schedules (linear warm-up, then cosine or constant).
+"""Optimisers and per-step learning-rate schedules (linear warm-up, then cosine, constant or step).
 
 ``lars`` is SGD with momentum under layer-wise adaptive rate control (LARC, as SwAV trains with it).
+Weight decay applies to every parameter unless the recipe sets ``wd_exclude_norm_bias`` (see
+``OptimConfig``). A model may name parameters whose gradient is dropped before an optimiser step
+(``frozen_parameters()``, e.g. SwAV's prototypes early in training): they then do not move at all,
+neither by their gradient nor by weight decay or momentum.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,25 +24,41 @@ def scaled_lr(config: OptimConfig, global_batch: int) -> float:
     return config.lr * global_batch / config.base_batch_size
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # No weight decay on biases and normalisation parameters (1-d tensors), as in the reference recipes.
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool = False) -> list[dict]:
+    """The trainable parameters as optimiser groups: one group decayed by ``weight_decay``, or with
+    ``exclude_norm_bias`` two, the 1-d tensors (biases, normalisation scales and shifts) undecayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not exclude_norm_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
     lr = scaled_lr(config, global_batch)
-    groups = _param_groups(model, config.weight_decay)
+    groups = param_groups(model, config.weight_decay, config.wd_exclude_norm_bias)
     if config.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
-    if config.name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    if config.name == "lars":
-        return LARS(groups, lr=lr, momentum=config.momentum)
-    raise ValueError(f"unknown optimiser {config.name!r}")
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
+    elif config.name == "adam":
+        optimizer = torch.optim.Adam(groups, lr=lr)
+    elif config.name == "lars":
+        optimizer = LARS(groups, lr=lr, momentum=config.momentum)
+    else:
+        raise ValueError(f"unknown optimiser {config.name!r}")
+    frozen = getattr(model, "frozen_parameters", None)
+    if callable(frozen):
+        # A pre-step hook runs after backward and after DDP has averaged the gradients, so dropping
+        # them here holds on every rank alike.
+        optimizer.register_step_pre_hook(_drop_gradients_of(frozen))
+    return optimizer
+
+
+def _drop_gradients_of(frozen: Callable[[], Sequence[torch.Tensor]]) -> Callable[..., None]:
+    def hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        for p in frozen():
+            p.grad = None  # optimisers skip a parameter without a gradient: no decay, no momentum
+
+    return hook
 
 
 class LARS(torch.optim.Optimizer):
@@ -88,21 +110,34 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, final_ratio: float) -> float:
-    """Multiplier of the peak lr at ``step``: linear warm-up, then cosine down to ``final_ratio``."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, final_ratio: float,
+              milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based): a linear warm-up to 1 over
+    ``warmup_steps`` steps, then ``cosine`` from 1 down to ``final_ratio`` over the remaining steps,
+    ``constant`` 1, or ``step``: ``gamma ** k`` with ``k`` the number of ``milestones`` (in steps,
+    sorted) at or before ``step``."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "step":
+        return gamma ** bisect.bisect_right(milestones, step)
     if schedule == "constant" or total_steps <= warmup_steps:
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_steps(config: OptimConfig, steps_per_epoch: int) -> int:
+    """The warm-up of ``config`` in optimiser steps (``warmup_iters``, or ``warmup_epochs`` rounded)."""
+    return config.warmup_iters or int(round(config.warmup_epochs * steps_per_epoch))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, steps_per_epoch: int, epochs: int,
                     global_batch: int) -> torch.optim.lr_scheduler.LambdaLR:
     total = steps_per_epoch * epochs
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = warmup_steps(config, steps_per_epoch)
     final_ratio = config.final_lr / scaled_lr(config, global_batch)
+    milestones = [m * steps_per_epoch for m in config.milestones]
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, config.schedule, final_ratio)
+        optimizer, lambda step: lr_factor(step, total, warmup, config.schedule, final_ratio, milestones,
+                                          config.gamma)
     )

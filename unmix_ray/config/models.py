@@ -166,16 +166,56 @@ class DatasetConfig(Model):
 
 class OptimConfig(Model):
     """Optimiser recipe. ``lr`` is stated for ``base_batch_size``; the lr used is
-    ``lr * global_batch / base_batch_size`` (linear scaling), logged as ``lr_scaled``."""
+    ``lr * global_batch / base_batch_size`` (linear scaling), logged as ``lr_scaled``.
+
+    Schedule (``unmix_ray.optim.lr_factor``): a linear warm-up over ``warmup_epochs`` or
+    ``warmup_iters`` optimiser steps (0: none; both non-zero is an error), then ``cosine`` down to
+    ``final_lr``, ``constant``, or ``step``: the lr times ``gamma`` once per milestone passed, with
+    ``milestones`` in epochs (the lr of epoch ``e`` is ``lr * gamma ** #{m <= e}``, as MoCo's
+    ``--schedule`` and torch's ``MultiStepLR`` count them).
+
+    Weight decay applies to every parameter, as ``torch.optim`` does and as the MoCo, SwAV and
+    SimCLR/BYOL harness recipes train; ``wd_exclude_norm_bias: true`` exempts biases and normalisation
+    parameters (every 1-d tensor), as SimCLR's and BYOL's ImageNet LARS recipes do.
+    """
 
     name: Literal["sgd", "adam", "lars"] = "sgd"
     lr: Positive = 0.06
     base_batch_size: int = Field(256, gt=0)
     weight_decay: float = Field(5e-4, ge=0.0)
+    wd_exclude_norm_bias: bool = False
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     warmup_epochs: float = Field(0.0, ge=0.0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_iters: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
     final_lr: float = Field(0.0, ge=0.0)
+    milestones: tuple[Annotated[int, Field(ge=1)], ...] = ()
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise invalid(f"milestones must increase strictly, got {list(v)}")
+        return v
+
+    @classmethod
+    def raw_problems(cls, data: dict[str, Any]) -> list[tuple[str, str]]:
+        def positive(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+        out = []
+        iters, epochs = data.get("warmup_iters"), data.get("warmup_epochs")
+        if positive(iters) and positive(epochs):
+            out.append(("warmup_iters", f"warm-up given twice ({iters} iterations and {epochs} epochs): "
+                                        "set one of warmup_iters and warmup_epochs to 0"))
+        schedule, milestones = data.get("schedule", "cosine"), data.get("milestones")
+        if schedule == "step" and not milestones:
+            out.append(("milestones", "schedule 'step' needs milestones (epochs at which the lr is "
+                                      "multiplied by gamma)"))
+        if milestones and schedule != "step" and isinstance(schedule, str):
+            out.append(("milestones", f"only apply to schedule 'step', not {schedule!r}"))
+        return out
 
 
 class MethodConfig(Model):

@@ -62,6 +62,8 @@ class SweepConfig(Model):
     # merged in that order (the most specific wins). See ``unmix_ray.compose.trial_train``.
     train_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
+    # Changes to configs/datasets/ and configs/methods/, keyed like train_overrides; merged per cell:
+    # datasets: dataset, method, dataset/method; methods: method, dataset, dataset/method (see compose).
     datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tune: TuneSettings = Field(default_factory=TuneSettings)

@@ -16,14 +16,17 @@ from unmix_ray.collectives import gather_with_grad
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
-    """Mean NT-Xent over the 2n local anchors of ``a`` [n, d] and ``b`` [n, d], paired by row."""
-    a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)  # logits in float32 under autocast
-    (a_all, offset), (b_all, _) = (gather_with_grad(a), gather_with_grad(b)) if gather else ((a, 0), (b, 0))
-    n, n_all = a.shape[0], a_all.shape[0]
-    anchors = torch.cat([a, b])
-    logits = anchors @ torch.cat([a_all, b_all]).T / temperature
-    idx = torch.arange(n, device=a.device) + offset
-    self_idx = torch.cat([idx, idx + n_all])
-    positive = torch.cat([idx + n_all, idx])
-    logits = logits.masked_fill(F.one_hot(self_idx, 2 * n_all).bool(), float("-inf"))
-    return F.cross_entropy(logits, positive)
+    """Mean NT-Xent over the 2n local anchors of ``a`` [n, d] and ``b`` [n, d], paired by row. The
+    similarities are computed in float32 even under autocast (which would otherwise run the matmul in
+    bfloat16, whose 8-bit mantissa moves cosine logits by up to about 0.01 / temperature)."""
+    with torch.autocast(a.device.type, enabled=False):
+        a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
+        (a_all, offset), (b_all, _) = (gather_with_grad(a), gather_with_grad(b)) if gather else ((a, 0), (b, 0))
+        n, n_all = a.shape[0], a_all.shape[0]
+        anchors = torch.cat([a, b])
+        logits = anchors @ torch.cat([a_all, b_all]).T / temperature
+        idx = torch.arange(n, device=a.device) + offset
+        self_idx = torch.cat([idx, idx + n_all])
+        positive = torch.cat([idx + n_all, idx])
+        logits = logits.masked_fill(F.one_hot(self_idx, 2 * n_all).bool(), float("-inf"))
+        return F.cross_entropy(logits, positive)

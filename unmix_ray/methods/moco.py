@@ -16,10 +16,21 @@ argument is the query against whichever is the key. All terms of one step share 
 (the queue as it was before the step). Only clean keys are enqueued; every rank enqueues the keys
 of every rank (all-gathered, in rank order), so the queue is the same on all ranks.
 
-``symmetric`` adds the same three terms with the views' roles swapped: queries of the second view,
-keys of the first, and the second view mixed with the *same* mixture (same lam, same box). Pairing
-the first view's mixture with the first view's own key would make the positive the very view that
-was mixed, so the swapped half mixes the second view instead. Keys of both views are enqueued.
+``symmetric`` adds the terms with the views' roles swapped: queries of the second view against keys
+of the first. How the swapped half treats the mixture is ``symmetric_mix``:
+
+- ``view0`` (default; the authors' ``unmix_c10.py``): the *same* mixture of the first view in both
+  halves, its positives being the keys of both views (no mixture of the second view is made):
+
+      CE(q0, k1) + CE(q1, k0) + lam CE(q_mix, k1) + (1 - lam) CE(flip(q_mix), k1)
+                              + lam CE(q_mix, k0) + (1 - lam) CE(flip(q_mix), k0)
+
+- ``both_views``: the swapped half mixes the second view with the same draw (same lam, same box) and
+  pairs that mixture with the first view's keys, so that no positive is the very view that was mixed:
+  ``... + lam CE(q_mix1, k0) + (1 - lam) CE(flip(q_mix1), k0)`` with ``q_mix1`` the query of the mixed
+  second view (one more forward pass).
+
+Keys of both views are enqueued.
 
 Keys use shuffling BN across workers (``shuffle_bn``; see ``collectives.shuffled_forward``).
 ``bn_splits`` > 1 is the authors' CIFAR split BN (``unmix_ray.norm.SplitBatchNorm``): each worker's
@@ -32,7 +43,7 @@ start of the next forward, since nothing reads the key encoder in between.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +66,7 @@ class MoCoParams(Model):
     queue_size: int = Field(4096, ge=1)
     momentum: float = Field(0.99, ge=0.0, le=1.0)
     symmetric: bool = False
+    symmetric_mix: Literal["view0", "both_views"] = "view0"  # the swapped half's mixture (module docstring)
     shuffle_bn: bool = True
     # BatchNorm2d over this many interleaved sub-batches of each worker's batch (the Un-Mix MoCo CIFAR
     # code's 8, imitating 8 GPUs on one); 1: plain BN. See unmix_ray.norm.SplitBatchNorm.
@@ -133,8 +145,9 @@ class MoCo(SSLMethod):
         keys = [k1.k]
         if self.params.symmetric:
             k0 = self.keys(x0)
-            q_mix1 = self.outputs(same_mixture(mixture, x1)) if mixture is not None else None
-            swapped = unmix_objective(loss, self.outputs(x1), k0, q_mix1, lam)
+            if mixture is not None and self.params.symmetric_mix == "both_views":
+                q_mix = self.outputs(same_mixture(mixture, x1))
+            swapped = unmix_objective(loss, self.outputs(x1), k0, q_mix, lam)
             out = UnmixLoss(out.total + swapped.total, out.clean + swapped.clean, out.mixed + swapped.mixed)
             keys.append(k0.k)
         self.enqueue(torch.cat(keys))

@@ -9,6 +9,12 @@ codes from its own Sinkhorn pass; for the reversed term ``flip`` reverses *both*
 codes, which is exactly what a forward pass of ``flip(mix)`` would give (Sinkhorn treats the samples
 of a batch symmetrically). The prototypes are put back on the unit sphere at construction and after
 every optimiser step (``after_step``), as SwAV does before each forward.
+
+The prototypes are frozen for the first ``freeze_prototypes_iters`` optimiser steps, as SwAV's
+``freeze_prototypes_niters`` does (5005 in the authors' CIFAR script): their gradient is dropped before
+each of those steps (``frozen_parameters``, honoured by ``unmix_ray.optim.build_optimizer``), so neither
+the gradient nor weight decay nor momentum moves them. The count of optimiser steps taken is part of
+the method's state (``state_dict``), so a run resumed from a checkpoint keeps counting.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class SwAVParams(Model):
     temperature: float = Field(0.1, gt=0.0)
     sinkhorn_eps: float = Field(0.05, gt=0.0)
     sinkhorn_iters: int = Field(3, ge=1)
+    freeze_prototypes_iters: int = Field(0, ge=0)  # optimiser steps with the prototypes frozen (0: none)
 
 
 class SwAVOutput(NamedTuple):
@@ -48,6 +55,7 @@ class SwAV(SSLMethod):
         self.projector = mlp([backbone.feature_dim, params.proj_hidden, params.proj_dim])
         self.prototypes = nn.Linear(params.proj_dim, params.n_prototypes, bias=False)
         self.normalize_prototypes()
+        self.optimizer_steps = 0  # a host-side count, so that deciding to freeze needs no device sync
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
@@ -65,6 +73,19 @@ class SwAV(SSLMethod):
     def loss(self, a: SwAVOutput, b: SwAVOutput) -> torch.Tensor:
         return swapped_prediction(a.scores, a.codes, b.scores, b.codes, self.params.temperature)
 
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradient is dropped before the coming optimiser step."""
+        return [self.prototypes.weight] if self.optimizer_steps < self.params.freeze_prototypes_iters else []
+
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
-        self.normalize_prototypes()
+        frozen = bool(self.frozen_parameters())  # then the step left the prototypes as they were: unit
+        self.optimizer_steps += 1
+        if not frozen:
+            self.normalize_prototypes()
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.optimizer_steps, dtype=torch.long)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.optimizer_steps = int(state)

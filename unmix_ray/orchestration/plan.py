@@ -121,7 +121,14 @@ def estimate_trial(trial: TrialConfig, table: ThroughputTable) -> TrialPlan:
         return without(f"no throughput figure for {key}", gpu_type=gpu_type)
     speed = table.gpu(gpu_type).relative_speed
     samples = (n_train // t.batch_size) * t.batch_size * t.epochs
-    factor = rate.unmix_factor if trial.mixture.type != "none" and t.epochs else 1.0
+    mixed = trial.mixture.type != "none" and t.epochs
+    factor = rate.unmix_factor if mixed else 1.0
+    params = trial.method.params
+    if params.get("symmetric"):
+        # Symmetric MoCo runs the base step for each view as the query: twice the cost. The authors'
+        # form reuses one mixed pass for both halves; "both_views" mixes the second view too.
+        extra = (rate.unmix_factor - 1) * (2 if params.get("symmetric_mix") == "both_views" else 1)
+        factor = 2 + (extra if mixed else 0)
     pretrain_h = samples * factor / (rate.samples_per_s * speed) / 3600
     # Evaluation: feature passes (1 unit per image) over the labelled train and test splits, every
     # knn_every epochs and once at the end, spread over the trial's GPUs.
