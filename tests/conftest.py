@@ -12,6 +12,17 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 torch.set_num_threads(1)
 
+# Set by .ci/run: a service, a tool or a browser a test needs must be there, so its absence fails the
+# run instead of skipping the test and leaving CI green.
+REQUIRE_SERVICES = os.environ.get("UNMIX_REQUIRE_SERVICES") == "1"
+
+
+def missing(what: str) -> None:
+    """Skip the test for want of ``what``, or fail it where everything is required (CI)."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{what} (UNMIX_REQUIRE_SERVICES=1: CI must provide it)")
+    pytest.skip(what)
+
 
 def free_port() -> int:
     with socket.socket() as s:

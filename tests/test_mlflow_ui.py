@@ -17,7 +17,7 @@ from unmix_ray.orchestration.plots import log_sweep_plots
 from unmix_ray.orchestration.render import log_results
 from unmix_ray.orchestration.results import build_results
 
-from .conftest import ROOT
+from .conftest import ROOT, missing
 from .handmade_runs import log_handmade_sweep
 from .services import mlflow_server
 
@@ -36,7 +36,7 @@ def chromium() -> Path:
     if not CHROMIUM.exists():
         subprocess.run(["bash", str(ROOT / "scripts/get_chromium.sh")], check=False)
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is not installed and could not be (scripts/get_chromium.sh needs apt-get as root)")
+        missing(f"{CHROMIUM} is not installed and could not be (scripts/get_chromium.sh needs apt-get as root)")
     return CHROMIUM
 
 

@@ -19,20 +19,19 @@ import time
 import urllib.request
 from pathlib import Path
 
+import boto3
 import pytest
 
-boto3 = pytest.importorskip("boto3")
-pytest.importorskip("moto")
-
-from unmix_ray import storage  # noqa: E402
-from unmix_ray.config import DatasetConfig  # noqa: E402
-from unmix_ray.data import (  # noqa: E402
+from unmix_ray import storage
+from unmix_ray.config import DatasetConfig
+from unmix_ray.data import (
     DatasetError,
     load_split,
-    staging,  # noqa: E402
+    staging,
 )
 
-from .fixtures import write_fixture  # noqa: E402
+from .conftest import missing
+from .fixtures import write_fixture
 
 SECRET = "staging-test-secret-value-0123456789"
 BUCKET = "unmix-data"
@@ -64,7 +63,7 @@ def _free_port() -> int:
 def s3(tmp_path_factory):
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
-        pytest.skip("moto_server is not installed next to this Python (pip install 'moto[server]')")
+        missing("moto_server is not installed next to this Python (pip install 'moto[server]')")
     port = _free_port()
     log_path = tmp_path_factory.mktemp("moto") / "access.log"
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY=SECRET,
