@@ -46,11 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --run-id (a run tagged unmix.checkpoint) or --checkpoint")
 
     uri = tracking.tracking_uri()
-    client = MlflowClient(uri)
+    if args.run_id and not tracking.store_exists(uri):
+        print(f"error: no run {args.run_id!r}: no MLflow store at {redact(uri)} (set MLFLOW_TRACKING_URI)",
+              file=sys.stderr)
+        return 2
     location = args.checkpoint
     if location is None:
         try:
-            run = client.get_run(args.run_id)
+            run = MlflowClient(uri).get_run(args.run_id)
         except MlflowException as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             print(f"error: no run {args.run_id!r} at {redact(uri)} ({redact(reason)})", file=sys.stderr)

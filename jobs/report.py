@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="log the table but not the pictures")
     args = parser.parse_args(argv)
     uri = tracking.tracking_uri()
+    if not tracking.store_exists(uri):
+        print(f"error: no MLflow store at {redact(uri)} (set MLFLOW_TRACKING_URI)", file=sys.stderr)
+        return 2
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(args.experiment)
     if args.all:

@@ -40,11 +40,13 @@ def fashion_mnist_root() -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One embedded local Ray for the tests that need it (2 CPUs, plus trial-driver slots)."""
+    """One embedded local Ray for the tests that need it (2 CPUs, plus trial-driver slots), started as the
+    sweeps start theirs: on loopback, and isolated from any other Ray on this machine."""
     import ray
 
+    from unmix_ray.orchestration.local_ray import start_local, stop_local
+
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, resources={"trial_driver": 8}, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    start_local(num_cpus=2, resources={"trial_driver": 8}, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
-    ray.shutdown()
+    stop_local()

@@ -12,13 +12,12 @@ import torch
 import yaml
 
 from unmix_ray.compose import load_sweep
-from unmix_ray.config import Sweep
+from unmix_ray.config import CONFIG_DIR, Sweep
 from unmix_ray.models import build_backbone
 from unmix_ray.orchestration.plan import estimate_trial
 from unmix_ray.orchestration.throughput import load_throughput
 
 from .conftest import ROOT
-from .paper_configs import PAPER_SWEEP, missing_paper_components
 
 DOC = ROOT / "docs" / "recipes.md"
 TRAIN_KEYS = ("backbone", "epochs", "batch_size", "num_workers", "precision")
@@ -105,11 +104,11 @@ def problems(sweep: Sweep, tables: dict[tuple[str, str], dict[str, Any]]) -> lis
     return out
 
 
+PAPER_SWEEP = CONFIG_DIR / "sweeps" / "paper.yaml"
+
+
 @pytest.fixture(scope="module")
 def paper() -> Sweep:
-    missing = missing_paper_components()
-    if missing:
-        pytest.skip(f"paper.yaml names {', '.join(missing)}, not registered")
     return load_sweep(PAPER_SWEEP)
 
 

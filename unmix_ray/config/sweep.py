@@ -48,7 +48,10 @@ class TuneSettings(Model):
     # cluster head that advertises them (cluster/aws-gpu.yaml). Both left at zero: one trial_driver
     # slot where the cluster offers one (the embedded local Ray does), else 0.01 CPU.
     trial_resources: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict)
-    asha: AshaSettings | None = None  # null: every trial runs to the end
+    asha: AshaSettings | None = None  # null: every trial runs to the end; else ASHA within each dataset/method cell
+    # How long a trial waits for its workers to be placed (an autoscaling cluster brings nodes up meanwhile)
+    # before it fails with a message naming what it waits for; the data check on a node waits as long.
+    placement_timeout_s: float = Field(1800.0, gt=0.0)
 
 
 class SweepConfig(Model):

@@ -29,17 +29,25 @@ def free_port(host: str = HOST) -> int:
 
 
 def start_local(num_cpus: int | None = None, resources: dict[str, float] | None = None,
-                runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True,
-                dashboard: bool = False) -> str:
-    """A fresh embedded Ray on loopback whose processes all know its address; returns that address."""
+                runtime_env: dict[str, Any] | None = None, **init: Any) -> str:
+    """A fresh embedded Ray on loopback whose processes all know its address; returns that address.
+    ``init``: more of ``ray.init``'s arguments (``log_to_driver``, ``logging_level``)."""
     address = f"{HOST}:{free_port()}"
     os.environ["RAY_GCS_SERVER_PORT"] = address.rsplit(":", 1)[1]
     os.environ["RAY_ADDRESS"] = address  # inherited by the raylet and every worker process
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         ray.init(address="local", num_cpus=num_cpus, resources=resources, runtime_env=runtime_env,
-                 include_dashboard=dashboard, log_to_driver=log_to_driver, _node_ip_address=HOST,
-                 _metrics_export_port=None)
+                 include_dashboard=False, _node_ip_address=HOST, **init)
+    except BaseException:
+        os.environ.pop("RAY_ADDRESS", None)
+        raise
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     return address
+
+
+def stop_local() -> None:
+    """Shut the embedded Ray down, and forget its address."""
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)

@@ -17,7 +17,7 @@ from typing import Any
 
 from unmix_ray.compose import load_sweep
 from unmix_ray.config import Sweep, TrialConfig
-from unmix_ray.orchestration.resources import ClusterSpec, fmt_resources, sweep_max_concurrent
+from unmix_ray.orchestration.resources import ClusterSpec, fmt_resources, load_cluster, sweep_max_concurrent
 from unmix_ray.orchestration.throughput import ThroughputTable, load_throughput
 
 CLUSTER_DIR = Path(__file__).resolve().parents[2] / "cluster"
@@ -154,8 +154,12 @@ def plan_sweep(sweep: Sweep, table: ThroughputTable | None = None,
     used = {(tp.dataset, tp.backbone, tp.method): tp.measured for tp in trials if tp.gpu_hours is not None}
     measured = sum(used.values())
 
-    spec = cluster if isinstance(cluster, ClusterSpec) or cluster is None else ClusterSpec.from_launcher(
-        cluster, table)
+    if isinstance(cluster, dict):
+        spec = ClusterSpec.from_launcher(cluster, table)
+    elif cluster is None or isinstance(cluster, ClusterSpec):
+        spec = cluster
+    else:
+        spec = load_cluster(cluster, table)
     max_conc, note, wall = None, "", None
     if spec is not None:
         try:
@@ -225,15 +229,18 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(out)
 
 
-def dry_run(path: str | Path, overrides: list[str] = (),
-            cluster: ClusterSpec | str | Path | None = None) -> str:
-    """Validate a sweep and return its printed plan (``jobs/sweep.py --dry-run``). Without
-    ``cluster``: a GPU sweep is planned against ``cluster/aws-gpu.yaml``, a CPU sweep against this
-    machine's CPUs. Raises ConfigError naming every config problem."""
-    sweep = load_sweep(path, overrides)
+def plan_for(sweep: Sweep, cluster: ClusterSpec | str | Path | None = None) -> Plan:
+    """The plan ``--dry-run`` prints. Without ``cluster``: a GPU sweep is planned against
+    ``cluster/aws-gpu.yaml``, a CPU sweep against this machine's CPUs."""
     if cluster is None:
         if any(t.train.use_gpu for t in sweep.trials):
             cluster = DEFAULT_CLUSTER
         else:
             cluster = ClusterSpec.from_resources({"CPU": float(os.cpu_count() or 1)}, "this machine")
-    return format_plan(plan_sweep(sweep, load_throughput(), cluster))
+    return plan_sweep(sweep, load_throughput(), cluster)
+
+
+def dry_run(path: str | Path, overrides: list[str] = (), cluster: ClusterSpec | str | Path | None = None) -> str:
+    """Validate a sweep and return its printed plan (``jobs/sweep.py --dry-run``). Raises ConfigError
+    naming every config problem."""
+    return format_plan(plan_for(load_sweep(path, overrides), cluster))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 TAG_ROLE, TAG_SWEEP, TAG_SWEEP_ID, TAG_TRIAL = "unmix.role", "unmix.sweep", "unmix.sweep_id", "unmix.trial"
 TAG_CHECKPOINT = "unmix.checkpoint"  # the final Ray Train checkpoint (path or s3:// URI)
+SWEEP_CONFIG = "sweep/config.yaml"  # the sweep's composed YAML, on its run
 PARENT = "mlflow.parentRunId"
 
 
@@ -31,6 +34,12 @@ def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the working directory (absolute, since
     Ray Tune runs trials in other directories)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def store_exists(uri: str) -> bool:
+    """False for a local SQLite store that does not exist yet, which a reading command must not create
+    just to find it empty; any other store is taken to exist (a server answers for itself)."""
+    return not (uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists())
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -93,15 +102,62 @@ def latest_sweep_id(uri: str, experiment: str, name: str | None = None) -> str |
     return None
 
 
-def start_sweep_run(client: MlflowClient, exp_id: str, sweep_name: str, sweep_id: str, n_trials: int) -> str:
-    """The sweep's parent run: found by its sweep id on resume, created otherwise."""
+def start_sweep_run(client: MlflowClient, exp_id: str, sweep_name: str, sweep_id: str, n_trials: int,
+                    config_data: dict[str, Any] | None = None) -> str:
+    """The sweep's parent run: found by its sweep id on resume (and RUNNING again), created otherwise,
+    with the sweep's composed YAML as the artifact ``sweep/config.yaml`` (what ``--resume`` reads)."""
     found = find_runs(client, exp_id, **{TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id})
     if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=sweep_id, tags={
-        TAG_ROLE: "sweep", TAG_SWEEP: sweep_name, TAG_SWEEP_ID: sweep_id})
+        TAG_ROLE: "sweep", TAG_SWEEP: sweep_name, TAG_SWEEP_ID: sweep_id} | source_tags())
     client.log_param(run.info.run_id, "n_trials", n_trials)
+    if config_data is not None:
+        client.log_text(run.info.run_id, yaml.safe_dump(config_data, sort_keys=False), SWEEP_CONFIG)
     return run.info.run_id
+
+
+def end_unfinished(client: MlflowClient, exp_id: str, sweep_id: str, status: str) -> None:
+    """Every run of the sweep still RUNNING (its trials', then its own) ends with ``status``."""
+    runs = search_all(client, exp_id, f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and attributes.status = 'RUNNING'")
+    for run in sorted(runs, key=lambda r: r.data.tags.get(TAG_ROLE) == "sweep"):
+        client.set_terminated(run.info.run_id, status=status)
+
+
+def find_sweep(uri: str, name_or_id: str) -> tuple[Run, dict[str, Any]] | None:
+    """The sweep run with that id, else the newest one with that name, in any experiment, and its
+    composed YAML; None if there is none (or it has no config to resume from)."""
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    for tag in (TAG_SWEEP_ID, TAG_SWEEP):
+        runs = client.search_runs(experiments, f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{tag}` = '{name_or_id}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            try:
+                text = Path(client.download_artifacts(runs[0].info.run_id, SWEEP_CONFIG)).read_text()
+            except Exception:  # noqa: BLE001 - an older sweep without its config, or an unreachable store
+                return None
+            return runs[0], yaml.safe_load(text)
+    return None
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags for runs created through the client (which skips them): the git
+    commit of the checkout the sweep runs from, where there is one, and the entry point."""
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": "jobs/sweep.py"}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    commit = commit or os.environ.get("UNMIX_GIT_COMMIT", "")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def trial_tags(trial: TrialConfig, sweep_id: str) -> dict[str, str]:
@@ -121,7 +177,9 @@ def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(exp_id, run_name=trial.run_name, tags=trial_tags(trial, sweep_id) | {PARENT: parent_run_id})
+    source = {k: v for k, v in client.get_run(parent_run_id).data.tags.items() if k.startswith("mlflow.source.")}
+    run = client.create_run(exp_id, run_name=trial.run_name,
+                            tags=trial_tags(trial, sweep_id) | source | {PARENT: parent_run_id})
     params = [Param(k, str(v)[:6000]) for k, v in safe_params(flatten(trial.to_dict())).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i:i + 100])

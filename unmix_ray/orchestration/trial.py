@@ -7,14 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from unmix_ray.config import TrialConfig
 from unmix_ray.orchestration import tracking
+from unmix_ray.orchestration.resources import Placement
 from unmix_ray.orchestration.results import TABLE_METRICS
 from unmix_ray.storage import arrow_filesystem
 from unmix_ray.train.loop import train_loop_per_worker
@@ -40,21 +43,51 @@ class SweepContext:
         return path, fs
 
 
-def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None:
+class TrialUnplaceable(RuntimeError):
+    """A trial's workers found no room on the cluster within the placement timeout."""
+
+
+def wait_for_room(placement: Placement, num_workers: int, timeout_s: float, run_name: str) -> None:
+    """Reserve the trial's workers as one placement group and give it back: an autoscaler sees the
+    demand and brings nodes up; a trial that still finds no room after ``timeout_s`` fails, naming
+    what it waited for, instead of waiting inside Ray Train forever."""
+    pg = placement_group([placement.resources_per_worker] * num_workers, strategy=placement.strategy)
+    try:
+        if not pg.wait(timeout_seconds=timeout_s):
+            wanted = ", ".join(f"{k} {v:g}" for k, v in sorted(placement.resources_per_worker.items()))
+            raise TrialUnplaceable(f"{run_name}: no room for {num_workers} worker(s) of {{{wanted}}} "
+                                   f"({placement.strategy}) after {timeout_s:.0f} s (tune.placement_timeout_s); "
+                                   f"the cluster has {ray.cluster_resources()}")
+    finally:
+        remove_placement_group(pg)
+
+
+def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placements: dict[str, dict[str, Any]],
+              placement_timeout_s: float) -> None:
     """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run.
-    ``trials`` (every trial's config, by name) is put in Ray's object store once, not in each config."""
+    ``trials`` (every trial's config, by name) and ``placements`` (where its workers go) are put in
+    Ray's object store once, not in each config."""
     trial_dict = trials[config["run"]]
     trial = TrialConfig.from_dict(trial_dict)
     ctx = SweepContext(**config["context"])
     client = MlflowClient(ctx.tracking_uri)
     run_id = tracking.start_trial_run(client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial)
     tc = trial.train
+    placement = Placement(**placements[trial.run_name])
+    try:
+        wait_for_room(placement, tc.num_workers, placement_timeout_s, trial.run_name)
+    except TrialUnplaceable as e:
+        client.set_tag(run_id, "unmix.error", str(e))
+        client.set_terminated(run_id, status="FAILED")
+        raise
     storage_path, storage_fs = ctx.storage()
-    per_worker = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"trial": trial_dict, "run_id": run_id, "tracking_uri": ctx.tracking_uri},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker=placement.resources_per_worker,
+                                     accelerator_type=placement.accelerator_type,
+                                     placement_strategy=placement.strategy),
         run_config=RunConfig(
             name=f"{ctx.sweep_id}--{trial.run_name}",
             storage_path=storage_path,
@@ -76,8 +109,9 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
 
 
 class MlflowTrialStatus(tune.Callback):
-    """Ends a trial's MLflow run from the driver side when the trial itself could not: a trial that
-    errored is FAILED; one that Tune stopped (a scheduler's early stop) is KILLED."""
+    """Ends a trial's MLflow run from the driver side, where Tune's word is final: a trial that errored is
+    FAILED; one that Tune stopped (a scheduler's early stop) is KILLED, also when the trial's own code,
+    interrupted, had already marked it FAILED."""
 
     def __init__(self, uri: str, experiment_id: str, sweep_id: str):
         self.uri, self.experiment_id, self.sweep_id = uri, experiment_id, sweep_id
@@ -87,7 +121,7 @@ class MlflowTrialStatus(tune.Callback):
         runs = tracking.find_runs(client, self.experiment_id,
                                   **{tracking.TAG_SWEEP_ID: self.sweep_id, tracking.TAG_TRIAL: trial.config["run"]})
         for run in runs:
-            if run.info.status == "RUNNING":
+            if run.info.status == "RUNNING" or (status == "KILLED" and run.info.status == "FAILED"):
                 # Stopped at its last report, after its final evaluation: it finished, nothing was cut.
                 done = status == "KILLED" and any(m in run.data.metrics for m in TABLE_METRICS[1:])
                 client.set_terminated(run.info.run_id, status="FINISHED" if done else status)
