@@ -57,10 +57,14 @@ for path in (HERE.parent, HERE):  # run from a checkout without installing it; t
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from gpu_fashion_mnist import BF16_TOLERANCE, fashion_mnist_run  # noqa: E402
 from gpu_timing import (  # noqa: E402
+    NO_MIX,
+    UNMIX,
     Clock,
     GiB,
     count_flops,
+    count_syncs,
     device_batches,
     free,
     peak_gib,
@@ -76,24 +80,14 @@ from unmix_ray.config import (  # noqa: E402
     CONFIG_DIR,
     DatasetConfig,
     EvalConfig,
-    MixtureConfig,
     TrialConfig,
-    build,
-    read_yaml,
 )
-from unmix_ray.data import fashion_mnist  # noqa: E402
-from unmix_ray.evaluation import extract_features, frozen, knn_predict, linear_probe, topk_accuracy  # noqa: E402
-from unmix_ray.evaluation.features import Features  # noqa: E402
+from unmix_ray.evaluation import extract_features, frozen, knn_predict, linear_probe  # noqa: E402
 from unmix_ray.evaluation.knn import query_chunk  # noqa: E402
 from unmix_ray.models import build_backbone  # noqa: E402
-from unmix_ray.step import Pretrainer, epoch_seed  # noqa: E402
-from unmix_ray.unmix import MixtureSampler  # noqa: E402
 
 METHODS = list(FLOORS)
-UNMIX = MixtureConfig(type="both", prob=0.5, beta=1.0)  # the paper sweep's "both" variant
-NO_MIX = MixtureConfig(type="none")
 IMAGENET_TRAIN = 1_281_167
-BF16_TOLERANCE = 0.02  # relative difference of a step's loss, bf16 autocast against fp32 (no TF32)
 KNN_MARGIN = 1.0  # top-1 points by which the pretrained encoder must beat the untrained one
 
 
@@ -115,6 +109,8 @@ def bench_cell(trial: TrialConfig, args: argparse.Namespace, device: torch.devic
             timing = time_steps(trainer, batches, mixture, device, clock, warmup, args.repeats)
             if compiled:
                 timing["compile_s"] = round(timing["warmup_s"] - warmup * args.steps * timing["step_ms"] / 1e3, 2)
+            if mode == "eager":
+                timing["host_syncs_per_run"] = count_syncs(trainer, batches, mixture, device)
             peak = None if mode == "fp32_eager" else args.peak_tflops  # the peak is bf16's
             entry[mode] = with_rates(timing, entry["flops_per_step"], peak)
             print(f"  {trial.method.name:<8} {variant:<6} {mode:<10} {entry[mode]['images_per_s']:>10.1f} img/s "
@@ -230,66 +226,20 @@ def knn_imagenet(ev: EvalConfig, args: argparse.Namespace, device: torch.device,
             "peak_above_inputs_gib": None if peak is None else round(peak - base / GiB, 3)}
 
 
-def fashion_mnist_run(trials: dict, args: argparse.Namespace, device: torch.device, clock: Clock) -> dict:
-    """SimCLR + Un-Mix on Fashion-MNIST from its idx files; kNN before and after; bf16 against fp32."""
-    ds = build(DatasetConfig, read_yaml(CONFIG_DIR / "datasets" / "fashion_mnist.yaml") | {"root": args.fashion_mnist},
-               "datasets/fashion_mnist.yaml")
-    simclr = trials["cifar10", "simclr"]
-    optim = simclr.method.optim.model_copy(update={"warmup_epochs": min(0.5, args.fm_epochs / 2)})
-    trial = simclr.model_copy(update={"dataset": ds, "method": simclr.method.model_copy(update={"optim": optim})})
-    train, test = (fashion_mnist.load(args.fashion_mnist, s).subset(n, 0)
-                   for s, n in (("train", args.fm_train), ("test", args.fm_test)))
-    xtr, ytr, xte, yte = (t.to(device) for t in (train.images, train.labels, test.images, test.labels))
-    ev, batch = EvalConfig(), args.fm_batch
-    steps = xtr.shape[0] // batch
-
-    def knn_top1(trainer: Pretrainer) -> float:
-        with frozen(trainer.method):
-            enc = Features(trainer.method)
-            fb, ft = (extract_features(enc, x, ds.mean, ds.std, ds.crop_size, device, ev.feature_batch_size)
-                      for x in (xtr, xte))
-        return round(topk_accuracy(knn_predict(fb, ytr, ft, ds.num_classes, ev.knn_k, ev.knn_t), yte), 2)
-
-    # bf16 against fp32 (no TF32): the same weights, batches, augmentation and mixture draws.
-    compare, tf32 = {}, (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    for precision in ("fp32", "bf16"):
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
-        trainer = trainer_for(trial, device, precision, False, batch, ds.crop_size, args.fm_backbone, 1,
-                              (steps, args.fm_epochs))
-        mixer = MixtureSampler(UNMIX, seed=1)
-        batches = device_batches(xtr, batch, args.fm_compare_steps, seed=1)
-        compare[precision] = [round(trainer.epoch([b], mixer, device, i, steps)[0].item(), 5)
-                              for i, b in enumerate(batches)]
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    rel = [abs(b - f) / max(abs(f), 1e-6) for f, b in zip(compare["fp32"], compare["bf16"])]
-
-    trainer = trainer_for(trial, device, "bf16", False, batch, ds.crop_size, args.fm_backbone, 0,
-                          (steps, args.fm_epochs))
-    untrained = knn_top1(trainer)
-    losses, seconds = [], 0.0
-    for epoch in range(args.fm_epochs):
-        trainer.augment.g.manual_seed(epoch_seed(0, 0, epoch, 0))
-        mixer = MixtureSampler(UNMIX, seed=epoch_seed(0, 0, epoch, 1))
-        batches = device_batches(xtr, batch, steps, seed=epoch)
-        dt, loss = clock.once(partial(trainer.epoch, batches, mixer, device, epoch * steps, args.fm_epochs * steps))
-        seconds += dt
-        losses.append(round(loss[0].item(), 4))
-        print(f"  fashion-mnist epoch {epoch + 1}/{args.fm_epochs}: loss {losses[-1]:.4f} ({dt:.1f} s)", flush=True)
-    return {"backbone": args.fm_backbone, "method": "simclr", "mixture": "both@0.5", "precision": "bf16",
-            "train_images": xtr.shape[0], "test_images": xte.shape[0], "batch": batch, "epochs": args.fm_epochs,
-            "epoch_losses": losses, "images_per_s": round(steps * batch * args.fm_epochs / seconds, 1),
-            "knn_top1_untrained": untrained, "knn_top1_pretrained": knn_top1(trainer),
-            "bf16_vs_fp32": {"steps": args.fm_compare_steps, "fp32_loss": compare["fp32"],
-                             "bf16_loss": compare["bf16"], "max_rel_diff": round(max(rel), 5),
-                             "tolerance": BF16_TOLERANCE}}
-
-
 def checks(result: dict) -> dict:
+    out = {}
+    syncs = {f"{m}/{v}": cell[v]["eager"].get("host_syncs_per_run") for m, cell in result.get("train_step", {}).items()
+             for v in ("none", "unmix") if "eager" in cell.get(v, {})}
+    if syncs and None not in syncs.values():  # counted on CUDA only
+        out["no_host_sync_inside_steps"] = {
+            "ok": all(n <= 1 for n in syncs.values()),
+            "detail": f"host synchronisations per run of {result['settings']['steps']} steps (1 allowed: the "
+                      f"non-finite-loss check at the end): {syncs}"}
     fm = result.get("fashion_mnist")
     if not fm:
-        return {}
+        return out
     cmp = fm["bf16_vs_fp32"]
-    return {
+    return out | {
         "pretrained_beats_untrained_knn": {
             "ok": fm["knn_top1_pretrained"] >= fm["knn_top1_untrained"] + KNN_MARGIN,
             "detail": f"kNN top-1 {fm['knn_top1_pretrained']} pretrained against {fm['knn_top1_untrained']} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ from unmix_ray.step import Pretrainer
 from unmix_ray.unmix import MixtureSampler
 
 GiB = 2 ** 30
+UNMIX = MixtureConfig(type="both", prob=0.5, beta=1.0)  # the paper sweep's "both" variant
+NO_MIX = MixtureConfig(type="none")
 
 
 class Clock:
@@ -113,6 +116,22 @@ def count_flops(trainer: Pretrainer, batches: list, mixture: MixtureConfig, devi
     with FlopCounterMode(display=False) as counter:
         trainer.epoch(batches[:1], MixtureSampler(mixture, seed=0), device, 0, 10 ** 9)
     return counter.get_total_flops()
+
+
+def count_syncs(trainer: Pretrainer, batches: list, mixture: MixtureConfig, device: torch.device) -> int | None:
+    """Host synchronisations in one run of ``batches``, as CUDA's sync debug mode reports them (the training
+    step's own non-finite-loss check at the end of the run is one). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every occurrence, not once per line of code
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.epoch(batches, MixtureSampler(mixture, seed=0), device, 0, 10 ** 9)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def sig(x: float, digits: int = 4) -> float:
