@@ -5,6 +5,8 @@ first steps from the same weights, batches, augmentation and mixture draws."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -21,6 +23,26 @@ from unmix_ray.unmix import MixtureSampler
 # steps: bf16 keeps 8 bits of mantissa (~0.4% per rounding); 5 steps of SimCLR + Un-Mix differed by 0.3%
 # on a CPU. 2% leaves room for other kernels; a larger gap in the first steps is no longer rounding.
 BF16_TOLERANCE = 0.02
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """Full fp32 convolutions and matrix products (no TF32) inside the block. Uses torch's per-backend
+    ``fp32_precision`` flags where it has them: setting those and reading the older ``allow_tf32`` ones
+    is an error, and torch's own code may read either."""
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+        flags, off = [(torch.backends.cuda.matmul, "fp32_precision"), (cudnn_conv, "fp32_precision")], "ieee"
+    else:
+        flags, off = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")], False
+    before = [getattr(owner, name) for owner, name in flags]
+    for owner, name in flags:
+        setattr(owner, name, off)
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(flags, before):
+            setattr(owner, name, value)
 
 
 def fashion_mnist_run(trials: dict, args: argparse.Namespace, device: torch.device, clock: Clock) -> dict:
@@ -44,16 +66,15 @@ def fashion_mnist_run(trials: dict, args: argparse.Namespace, device: torch.devi
         return round(topk_accuracy(knn_predict(fb, ytr, ft, ds.num_classes, ev.knn_k, ev.knn_t), yte), 2)
 
     # bf16 against fp32 (no TF32): the same weights, batches, augmentation and mixture draws.
-    compare, tf32 = {}, (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    compare = {}
     for precision in ("fp32", "bf16"):
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
-        trainer = trainer_for(trial, device, precision, False, batch, ds.crop_size, args.fm_backbone, 1,
-                              (steps, args.fm_epochs))
-        mixer = MixtureSampler(UNMIX, seed=1)
-        batches = device_batches(xtr, batch, args.fm_compare_steps, seed=1)
-        compare[precision] = [round(trainer.epoch([b], mixer, device, i, steps)[0].item(), 5)
-                              for i, b in enumerate(batches)]
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        with no_tf32() if precision == "fp32" else nullcontext():
+            trainer = trainer_for(trial, device, precision, False, batch, ds.crop_size, args.fm_backbone, 1,
+                                  (steps, args.fm_epochs))
+            mixer = MixtureSampler(UNMIX, seed=1)
+            batches = device_batches(xtr, batch, args.fm_compare_steps, seed=1)
+            compare[precision] = [round(trainer.epoch([b], mixer, device, i, steps)[0].item(), 5)
+                                  for i, b in enumerate(batches)]
     rel = [abs(b - f) / max(abs(f), 1e-6) for f, b in zip(compare["fp32"], compare["bf16"])]
 
     trainer = trainer_for(trial, device, "bf16", False, batch, ds.crop_size, args.fm_backbone, 0,

@@ -126,3 +126,18 @@ def test_the_throughput_entry_is_a_table_group_the_plan_prefers(smoke):
     assert rate.measured and rate.command == result["command"]
     assert rate.samples_per_s == groups[0]["samples_per_s"]["moco_v2"]
     build(ThroughputGroup, groups[1] | {"source": ["run"]}, "group")
+
+
+def test_tf32_is_off_inside_the_fp32_reference_and_restored_after(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT))
+    import torch
+    from gpu_fashion_mnist import no_tf32
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    with no_tf32():
+        if hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+            assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+        else:
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before  # readable again
