@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from unmix_ray.config import EvalConfig
 from unmix_ray.evaluation import (
@@ -16,6 +18,7 @@ from unmix_ray.evaluation import (
     paper_recipe,
     topk_accuracy,
 )
+from unmix_ray.evaluation.knn import query_chunk
 
 
 def test_weighted_knn_on_a_toy_set_with_a_known_answer():
@@ -38,6 +41,69 @@ def test_knn_weights_prefer_closer_neighbours_over_counts():
     test = torch.tensor([[1.0, 0.2]])
     assert knn_predict(train, labels, test, 2, k=3, t=0.05).argmax(1).item() == 0  # one close beats two far
     assert knn_predict(train, labels, test, 2, k=3, t=100.0).argmax(1).item() == 1  # flat weights: majority
+
+
+def test_query_chunk_keeps_the_similarity_matrix_within_the_budget():
+    imagenet = 1_281_167
+    chunk = query_chunk(imagenet, torch.float32, 1 << 30)
+    assert chunk == 209  # 2**30 // (1_281_167 * 4)
+    assert chunk * imagenet * 4 <= 1 << 30 < (chunk + 1) * imagenet * 4
+    assert query_chunk(imagenet, torch.bfloat16, 1 << 30) == 419
+    assert query_chunk(imagenet, torch.float32, 10) == 1  # at least one query, whatever the budget
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records the shape of every matrix product's result."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.matmul, torch.ops.aten.bmm):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+class HostReads(TorchFunctionMode):
+    """Records every call that reads a tensor's values back to the host."""
+
+    READS = {"item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_knn_in_chunks_gives_the_scores_of_one_chunk():
+    g = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(300, 16, generator=g), torch.randint(0, 7, (300,), generator=g)
+    queries = torch.randn(37, 16, generator=g)
+    whole = knn_predict(bank, labels, queries, 7, k=20, t=0.1, chunk=37)
+    for chunk in (1, 5, 36):  # equal up to float rounding (amplified by exp(sim / t))
+        assert torch.allclose(knn_predict(bank, labels, queries, 7, k=20, t=0.1, chunk=chunk), whole, rtol=1e-5)
+    # The chunk chosen from the memory budget: 4 queries' rows of 300 float32 similarities fit in 4800 bytes.
+    shapes = MatmulShapes()
+    with shapes:
+        budgeted = knn_predict(bank, labels, queries, 7, k=20, t=0.1, budget_bytes=4 * 300 * 4)
+    assert torch.allclose(budgeted, whole, rtol=1e-5)
+    assert shapes.shapes == [(4, 300)] * 9 + [(1, 300)]
+
+
+def test_knn_reads_nothing_back_to_the_host():
+    g = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(100, 8, generator=g), torch.randint(0, 3, (100,), generator=g)
+    reads = HostReads()
+    with reads:
+        knn_predict(bank, labels, torch.randn(20, 8, generator=g), 3, k=10, chunk=3)
+    assert reads.calls == []
 
 
 def test_linear_probe_separates_linearly_separable_features():

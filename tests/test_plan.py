@@ -11,8 +11,11 @@ from unmix_ray.config import (
     ConfigError,
     DatasetConfig,
     EvalConfig,
+    GridConfig,
     MethodConfig,
     MixtureConfig,
+    Sweep,
+    SweepConfig,
     TrainConfig,
     TrialConfig,
     TuneSettings,
@@ -140,6 +143,62 @@ def test_the_throughput_table_is_complete_and_cited():
     assert set(raw["sources"]) == {k for g in table.gpus for k in g.source} | {
         k for m in table.methods for k in m.source} | set(table.dataset_sizes.source) | {
         k for g in table.throughput for k in g.source}, "every source is cited and every citation exists"
+
+
+ESTIMATE = {"datasets": ["toy"], "backbone": "resnet18_cifar", "samples_per_s": {"simclr": 50}, "source": ["hand"]}
+MEASURED = {"datasets": ["toy"], "backbone": "resnet18_cifar", "samples_per_s": {"simclr": 40}, "source": ["hand"],
+            "measured": True, "gpu": "small", "command": "python bench/gpu.py --out bench/results/small.json"}
+
+
+def test_a_measured_figure_is_used_before_an_estimate_whatever_the_order():
+    samples = 8960  # 1000 images in whole batches of 128, 10 epochs
+    for groups in ([ESTIMATE, MEASURED], [MEASURED, ESTIMATE]):
+        table = small_table(throughput=groups)
+        # 1 GPU lands on "small": the measured 40/s there, not the estimate's 50 x 0.5 = 25/s.
+        one = estimate_trial(toy_trial("simclr", "none"), table)
+        assert (one.gpu_type, one.measured, one.figure_gpu) == ("small", True, "small")
+        assert one.command == MEASURED["command"]
+        assert one.pretrain_gpu_hours == pytest.approx(samples / 40 / 3600)
+        # 2 GPUs land on "big": the measurement converted by relative speed (40 / 0.5 = 80/s) before the
+        # estimate made for "big" itself (50/s).
+        two = estimate_trial(toy_trial("simclr", "none", workers=2), table)
+        assert (two.gpu_type, two.measured, two.figure_gpu) == ("big", True, "small")
+        assert two.pretrain_gpu_hours == pytest.approx(samples / 80 / 3600)
+    only_estimate = estimate_trial(toy_trial("simclr", "none"), small_table(throughput=[ESTIMATE]))
+    assert not only_estimate.measured and only_estimate.command is None
+    assert only_estimate.pretrain_gpu_hours == pytest.approx(samples / (50 * 0.5) / 3600)
+
+
+def test_the_plan_counts_measured_figures_and_names_their_command():
+    trials = [toy_trial("simclr", "none"), toy_trial("simclr", "none", workers=2), toy_trial("moco_v2", "none")]
+    estimate = ESTIMATE | {"samples_per_s": {"simclr": 50, "moco_v2": 60}}
+    sweep = Sweep(SweepConfig(name="toy", grid=GridConfig(dataset=["toy"], method=["simclr", "moco_v2"])), trials)
+    plan = plan_sweep(sweep, small_table(throughput=[estimate, MEASURED]))
+    assert (plan.figures_measured, plan.figures_estimated) == (1, 1)  # toy/resnet18_cifar/{simclr, moco_v2}
+    text = format_plan(plan)
+    assert "2 documented estimates" not in text and "1 documented estimates and 1 measured" in text
+    assert ("measured on small, converted to big by relative speed: toy/resnet18_cifar/simclr by "
+            "`python bench/gpu.py --out bench/results/small.json`") in text
+    unmeasured = format_plan(plan_sweep(sweep, small_table(throughput=[estimate])))
+    assert "measured on" not in unmeasured and "2 documented estimates and 0 measured" in unmeasured
+
+
+def test_measured_and_estimated_figures_may_coexist_but_not_twice_each():
+    small_table(throughput=[ESTIMATE, MEASURED, MEASURED | {"gpu": None}])  # one of each per GPU: fine
+    with pytest.raises(ConfigError) as err:
+        small_table(throughput=[MEASURED, MEASURED | {"samples_per_s": {"simclr": 41}}, MEASURED | {"gpu": "tiny"}])
+    text = str(err.value)
+    assert "toy/resnet18_cifar/simclr is given more than once (measured, for small)" in text
+    assert "throughput[2].gpu: unknown gpu 'tiny'" in text
+
+
+def test_the_h200_is_in_the_table_as_a_documented_estimate():
+    table = load_throughput(THROUGHPUT_PATH)
+    h200 = table.gpu("h200")
+    assert not h200.measured and h200.source and h200.relative_speed > 1 and h200.usd_per_gpu_hour > 0
+    a100 = table.rate("cifar10", "resnet18_cifar", "simclr")
+    on_h200 = table.rate("cifar10", "resnet18_cifar", "simclr", "h200")
+    assert on_h200.samples_per_s == pytest.approx(a100.samples_per_s * h200.relative_speed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Nothing here starts Ray. The estimate multiplies, per trial, the samples it will
 (dataset size from ``configs/throughput.yaml``, whole batches only, times epochs, times the Un-Mix
 cost factor of its method) by the throughput figure for its dataset x backbone x method on the GPU
 type it will land on, plus the feature passes of its kNN/linear evaluations. Each figure in the
-table names its source; most are documented estimates until measured, and the plan says so.
+table names its source; most are documented estimates until measured, and the plan says so. A measured
+figure is used before an estimate (see ``ThroughputTable.rate``), and the plan names the command that
+measured it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from unmix_ray.orchestration.throughput import ThroughputTable, load_throughput
 
 CLUSTER_DIR = Path(__file__).resolve().parents[2] / "cluster"
 DEFAULT_CLUSTER = CLUSTER_DIR / "aws-gpu.yaml"
-
-
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class TrialPlan:
     eval_gpu_hours: float | None = None
     cost_usd: float | None = None
     measured: bool = False
+    figure_gpu: str | None = None  # the GPU the throughput figure was given for
+    command: str | None = None  # the command that measured the figure, when measured
     note: str = ""  # why there is no estimate
 
     @property
@@ -115,11 +117,10 @@ def estimate_trial(trial: TrialConfig, table: ThroughputTable) -> TrialPlan:
         splits = sorted({*ds.pretrain_splits, ds.train_split, ds.test_split})
         return without(f"no size for a split of {ds.name} ({', '.join(splits)}) in the throughput table",
                        gpu_type=gpu_type)
-    rate = table.rate(ds.name, t.backbone, trial.method.name)
+    rate = table.rate(ds.name, t.backbone, trial.method.name, gpu_type)
     if rate is None:
         key = f"{ds.name}/{t.backbone}/{trial.method.name}"
         return without(f"no throughput figure for {key}", gpu_type=gpu_type)
-    speed = table.gpu(gpu_type).relative_speed
     samples = (n_train // t.batch_size) * t.batch_size * t.epochs
     mixed = trial.mixture.type != "none" and t.epochs
     factor = rate.unmix_factor if mixed else 1.0
@@ -129,15 +130,16 @@ def estimate_trial(trial: TrialConfig, table: ThroughputTable) -> TrialPlan:
         # form reuses one mixed pass for both halves; "both_views" mixes the second view too.
         extra = (rate.unmix_factor - 1) * (2 if params.get("symmetric_mix") == "both_views" else 1)
         factor = 2 + (extra if mixed else 0)
-    pretrain_h = samples * factor / (rate.samples_per_s * speed) / 3600
+    pretrain_h = samples * factor / rate.samples_per_s / 3600
     # Evaluation: feature passes (1 unit per image) over the labelled train and test splits, every
     # knn_every epochs and once at the end, spread over the trial's GPUs.
     every = trial.eval.knn_every
     n_evals = (t.epochs // every if every > 0 else 0) + 1
-    eval_h = sum(n_eval) * n_evals / (rate.samples_per_s * rate.step_units * speed) / 3600
+    eval_h = sum(n_eval) * n_evals / (rate.samples_per_s * rate.step_units) / 3600
     cost = (pretrain_h + eval_h) * table.gpu(gpu_type).usd_per_gpu_hour
     return replace(base, gpu_type=gpu_type, pretrain_samples=samples, pretrain_gpu_hours=pretrain_h,
-                   eval_gpu_hours=eval_h, cost_usd=cost, measured=rate.measured)
+                   eval_gpu_hours=eval_h, cost_usd=cost, measured=rate.measured, figure_gpu=rate.gpu,
+                   command=rate.command)
 
 
 def plan_sweep(sweep: Sweep, table: ThroughputTable | None = None,
@@ -211,6 +213,7 @@ def format_plan(plan: Plan) -> str:
         total = plan.figures_estimated + plan.figures_measured
         out.append(f"  throughput figures used: {total}, of which {plan.figures_estimated} documented "
                    f"estimates and {plan.figures_measured} measured (sources: configs/throughput.yaml)")
+        out += _measured_lines(plan.trials)
         if longest is not None:
             hours = longest.gpu_hours / longest.gpus
             out.append(f"  longest trial: {longest.run_name}, {_num(hours, 0)} hours "
@@ -227,6 +230,21 @@ def format_plan(plan: Plan) -> str:
         if plan.concurrency_note:
             out.append(f"  note: {plan.concurrency_note}")
     return "\n".join(out)
+
+
+def _measured_lines(trials: list[TrialPlan]) -> list[str]:
+    """One line per measuring command: the figures it gave, and the GPUs they were converted to."""
+    by_command: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for t in trials:
+        if t.measured and t.gpu_hours is not None:
+            key = (t.command or "command not recorded", t.figure_gpu or "")
+            by_command[key][f"{t.dataset}/{t.backbone}/{t.method}"].add(t.gpu_type or "")
+    out = []
+    for (command, on), figures in sorted(by_command.items()):
+        scaled = sorted({g for gpus in figures.values() for g in gpus} - {on})
+        note = f", converted to {', '.join(scaled)} by relative speed" if scaled else ""
+        out.append(f"  measured on {on}{note}: {', '.join(sorted(figures))} by `{command}`")
+    return out
 
 
 def plan_for(sweep: Sweep, cluster: ClusterSpec | str | Path | None = None) -> Plan:

@@ -204,7 +204,7 @@ class ClusterSpec:
             resources = {k: float(v) for k, v in spec.get("resources", {}).items()}
             nodes += [dict(resources) for _ in range(count)]
             gpu = table.gpu_for_instance(spec.get("node_config", {}).get("InstanceType", ""))
-            if gpu and resources.get("GPU"):
+            if gpu and resources.get("GPU") and count:
                 gpus[gpu] += int(resources["GPU"]) * count
         return cls(name or config.get("cluster_name", "cluster"), nodes, dict(gpus))
 
@@ -225,7 +225,7 @@ class ClusterSpec:
             nodes += [dict(resources) for _ in range(count)]
             for kind in declared_accelerators([resources]):
                 gpu = next((g.name for g in table.gpus if g.name.upper() == kind), None)
-                if gpu and resources.get("GPU"):
+                if gpu and resources.get("GPU") and count:
                     gpus[gpu] += int(resources["GPU"]) * count
         return cls(name, nodes, dict(gpus))
 

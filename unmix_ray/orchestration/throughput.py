@@ -1,6 +1,11 @@
 """The throughput table of ``configs/throughput.yaml``: GPUs and their prices, where a trial lands by
 its GPU count, each method's cost per sample, dataset sizes, and samples/s per dataset x backbone x
-method on the reference GPU. Every figure names its source; measured figures say so.
+method on the reference GPU or on a named one. Every figure names its source; measured figures say so
+and name the command that measured them.
+
+Where several figures cover one dataset x backbone x method, ``rate`` takes a measured one before a
+documented estimate, and among those a figure for the GPU the trial runs on before one converted
+from another GPU by the table's relative speeds.
 """
 
 from __future__ import annotations
@@ -17,14 +22,13 @@ from unmix_ray.config import CONFIG_DIR, Model, build, invalid
 THROUGHPUT_PATH = CONFIG_DIR / "throughput.yaml"
 
 
-
-
 class GpuSpec(Model):
     name: str
     relative_speed: float  # throughput relative to the table's reference GPU
     usd_per_gpu_hour: float
     instances: list[str]  # EC2 instance types carrying this GPU
     source: list[str]
+    measured: bool = False  # relative_speed measured with this project's code (else a documented estimate)
 
 
 class PlacementRule(Model):
@@ -51,18 +55,22 @@ class DatasetSizes(Model):
 class ThroughputGroup(Model):
     datasets: list[str]
     backbone: str
-    samples_per_s: dict[str, float]  # method -> base-method samples/s per reference GPU
+    samples_per_s: dict[str, float]  # method -> base-method samples/s per GPU of type ``gpu``
     source: list[str]
     measured: bool = False
+    gpu: str | None = None  # the GPU the figures are for (default: the reference GPU)
+    command: str | None = None  # the command that measured them (e.g. python bench/gpu.py --out ...)
 
 
 @dataclass(frozen=True)
 class Rate:
-    samples_per_s: float
+    samples_per_s: float  # on the GPU asked for (converted by relative speeds when the figure is for another)
     step_units: float
     unmix_factor: float
     measured: bool
     source: list[str]
+    gpu: str = ""  # the GPU the figure was given for
+    command: str | None = None
 
 
 class ThroughputTable(Model):
@@ -97,14 +105,19 @@ class ThroughputTable(Model):
                 out.append(f"methods.{m.name}: step_units must be > 0 and unmix_extra_units >= 0")
         seen: Counter = Counter()
         for i, group in enumerate(self.throughput):
+            if group.gpu is not None and group.gpu not in gpu_names:
+                out.append(f"throughput[{i}].gpu: unknown gpu {group.gpu!r}")
+            on = group.gpu or self.reference_gpu
+            kind = "measured" if group.measured else "estimated"
             for method, rate in group.samples_per_s.items():
                 for d in group.datasets:
-                    seen[d, group.backbone, method] += 1
+                    seen[d, group.backbone, method, on, kind] += 1
                 if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
                     out.append(f"throughput[{i}].samples_per_s.{method}: must be a number > 0, got {rate!r}")
                 if method not in {m.name for m in self.methods}:
                     out.append(f"throughput[{i}].samples_per_s.{method}: no methods entry (step units)")
-        out += [f"throughput: {'/'.join(k)} is given more than once" for k, n in seen.items() if n > 1]
+        out += [f"throughput: {'/'.join(k[:3])} is given more than once ({k[4]}, for {k[3]})"
+                for k, n in seen.items() if n > 1]
         if out:
             raise invalid("\n    ".join(out))
         return self
@@ -122,15 +135,19 @@ class ThroughputTable(Model):
     def split_size(self, dataset: str, split: str) -> int | None:
         return self.dataset_sizes.splits.get(dataset, {}).get(split)
 
-    def rate(self, dataset: str, backbone: str, method: str) -> Rate | None:
+    def rate(self, dataset: str, backbone: str, method: str, gpu: str | None = None) -> Rate | None:
+        """Samples/s of ``method`` on ``gpu`` (default: the reference GPU): a measured figure before an
+        estimate, a figure for ``gpu`` itself before one converted from another GPU."""
         cost = next((m for m in self.methods if m.name == method), None)
-        for group in self.throughput:
-            if dataset in group.datasets and group.backbone == backbone and method in group.samples_per_s:
-                if cost is None:
-                    return None
-                return Rate(float(group.samples_per_s[method]), cost.step_units, cost.unmix_factor,
-                            group.measured, group.source)
-        return None
+        gpu = gpu or self.reference_gpu
+        groups = [g for g in self.throughput
+                  if dataset in g.datasets and g.backbone == backbone and method in g.samples_per_s]
+        if cost is None or not groups:
+            return None
+        group = min(groups, key=lambda g: (not g.measured, (g.gpu or self.reference_gpu) != gpu))
+        on = group.gpu or self.reference_gpu
+        samples = float(group.samples_per_s[method]) * self.gpu(gpu).relative_speed / self.gpu(on).relative_speed
+        return Rate(samples, cost.step_units, cost.unmix_factor, group.measured, group.source, on, group.command)
 
 
 def load_throughput(path: str | Path = THROUGHPUT_PATH) -> ThroughputTable:
