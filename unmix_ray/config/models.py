@@ -243,7 +243,9 @@ class TrainConfig(Model):
     compile: bool = False  # torch.compile the method (GPU runs)
     checkpoint_every: int = Field(1, ge=1)  # epochs
     num_to_keep: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: no limit)
+    # Worker-group restarts from the last checkpoint before the trial fails (-1: no limit, for spot nodes);
+    # every trial checkpoints, so a lost worker costs at most checkpoint_every epochs.
+    max_failures: int = Field(2, ge=-1)
     nan_check_every: int = Field(50, ge=1)  # steps between checks for a non-finite loss (each is one host sync)
     sync_bn: bool | Literal["auto"] = "auto"
 

@@ -6,8 +6,9 @@ Isolation: processes of a Ray cluster that look up "their" cluster without being
 run on one host, and that cleaner then takes a live trial for dead and removes its placement group.
 Every process of the embedded Ray is therefore told its own address: the GCS port is chosen here
 (``RAY_GCS_SERVER_PORT``) and ``RAY_ADDRESS`` is set before the head starts, so the raylet and every
-worker it spawns inherit it. The embedded Ray listens on loopback only and starts without the
-dashboard, metrics export or usage stats, which a laptop run does not use.
+worker it spawns inherit it. The embedded Ray listens on loopback only and starts without what a
+laptop run does not use: the dashboard, usage stats, and Ray Train's preemption watcher and metrics
+export (a process and a poll each per trial). A cluster keeps all of them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def start_local(num_cpus: int | None = None, resources: dict[str, float] | None 
     address = f"{HOST}:{free_port()}"
     os.environ["RAY_GCS_SERVER_PORT"] = address.rsplit(":", 1)[1]
     os.environ["RAY_ADDRESS"] = address  # inherited by the raylet and every worker process
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name in ("RAY_USAGE_STATS_ENABLED", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED"):
+        os.environ.setdefault(name, "0")
     try:
         ray.init(address="local", num_cpus=num_cpus, resources=resources, runtime_env=runtime_env,
                  include_dashboard=False, _node_ip_address=HOST, **init)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,6 +107,9 @@ def stop_signals() -> Iterator[list[int]]:
         print(f"\n{signal.Signals(signum).name}: stopping the sweep (again to stop at once)", flush=True)
         os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own graceful stop
 
+    if threading.current_thread() is not threading.main_thread():
+        yield caught  # signals reach the main thread only; whoever runs this thread handles them
+        return
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     for s in previous:
         signal.signal(s, handler)
