@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.compose import load_sweep
@@ -62,8 +63,28 @@ def finished_run(tmp_path, small_fashion_mnist):
     return uri, run_id, ckpt
 
 
-def test_paper_protocol_and_knn_logged_on_the_run(finished_run, monkeypatch, capsys):
-    uri, run_id, _ = finished_run
+def knn_top1_by_hand(ckpt, root, k: int = 10, t: float = 0.1) -> float:
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    method = build_method(load_sweep(ROOT / "configs/sweeps/demo.yaml").trials[0].method,
+                          build_backbone("resnet_narrow", 1))
+    method.load_state_dict(state["model"])
+    method.eval()
+
+    def features(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        data = fashion_mnist.load(root, split)
+        with torch.no_grad():
+            f = method.features((data.images.float() / 255 - 0.2860) / 0.3530)
+        return F.normalize(f, dim=1), data.labels
+
+    bank, bank_labels = features("train")
+    queries, labels = features("test")
+    sim, idx = (queries @ bank.T).topk(k, dim=1)
+    votes = torch.zeros(len(labels), 10).scatter_add_(1, bank_labels[idx], (sim / t).exp())
+    return 100.0 * (votes.argmax(1) == labels).double().mean().item()
+
+
+def test_paper_protocol_and_knn_logged_on_the_run(finished_run, small_fashion_mnist, monkeypatch, capsys):
+    uri, run_id, ckpt = finished_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     job = load_job("linear_eval")
     assert job.main(["--run-id", run_id, "--protocol", "paper", "--knn", "--device", "cpu"]) == 0
@@ -74,6 +95,10 @@ def test_paper_protocol_and_knn_logged_on_the_run(finished_run, monkeypatch, cap
                  "linear_paper_top5_last", "linear_paper_top5_best"):
         assert 0 <= run.data.metrics[name] <= 100 and run.data.metrics[name] == pytest.approx(printed[name], abs=1e-3)
     assert run.data.metrics["linear_paper_top1_best"] >= run.data.metrics["linear_paper_top1_last"]
+    # The logged kNN is the checkpoint encoder's, computed here from its definition: weighted kNN (k 10,
+    # t 0.1) over cosine similarities of the backbone features of the normalised 28 px images.
+    # One query of the 200 is 0.5 points; 1e-3 leaves room for the float32 mean only.
+    assert run.data.metrics["knn_top1"] == pytest.approx(knn_top1_by_hand(ckpt, small_fashion_mnist), abs=1e-3)
     assert run.data.metrics["knn_top5"] >= run.data.metrics["knn_top1"] > 10  # a random encoder beats chance
     tags = run.data.tags
     assert "linear (paper, cifar recipe)" in tags["unmix.protocol.linear_paper"]

@@ -5,6 +5,7 @@ Each test spawns two processes on the loopback; a failed assertion in either one
 
 from __future__ import annotations
 
+import copy
 import datetime
 import socket
 
@@ -119,6 +120,43 @@ class Flat(nn.Module):
 
     def forward(self, x):
         return self.fc(x.flatten(1))
+
+
+def _bn_encoder() -> nn.Module:
+    torch.manual_seed(0)  # the same weights on every rank
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 5), nn.BatchNorm1d(5)).train()
+
+
+SHUFFLE_SEED = 7
+
+
+def _shuffle_bn_worker(rank: int) -> None:
+    n_local = 6
+    x_all = torch.randn(WORLD * n_local, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2
+    x_all[n_local:] += 1  # rank 1's samples differ in distribution: per-rank statistics differ
+    mine = slice(rank * n_local, (rank + 1) * n_local)
+    enc = _bn_encoder()
+
+    # By hand: permute the global batch with the seeded draw, give rank r the r-th chunk, encode each
+    # chunk with its own BatchNorm statistics (train mode), undo the permutation, take this rank's rows.
+    reference = copy.deepcopy(enc)
+    perm = torch.randperm(WORLD * n_local, generator=torch.Generator().manual_seed(SHUFFLE_SEED))
+    per_chunk = torch.cat([reference(chunk) for chunk in x_all[perm].split(n_local)])
+    expected = per_chunk[torch.argsort(perm)][mine]
+
+    # Rank 1's generator is seeded otherwise: rank 0's draw is the one every rank uses.
+    generator = torch.Generator().manual_seed(SHUFFLE_SEED + rank)
+    keys = shuffled_forward(enc, x_all[mine], generator=generator)
+    torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-6)
+    # Shuffling matters with BatchNorm: the plain per-rank forward gives other keys.
+    with torch.no_grad():
+        unshuffled = reference(x_all[mine])
+    assert (keys - unshuffled).abs().max() > 0.1
+
+
+def test_shuffle_bn_encodes_rank_chunks_of_a_seeded_global_permutation():
+    spawn(_shuffle_bn_worker)
 
 
 def _moco_worker(rank: int) -> None:

@@ -48,6 +48,91 @@ def test_cutmix_box_side_ratio_is_sqrt_one_minus_lambda_before_clipping():
         assert y2 - y1 <= side and x2 - x1 <= side
 
 
+# ---- CutMix's pasted area against its definition (shared/UNMIX.md, "The mixture", step 5) --------------
+# The box has side sqrt(1 - lam) of H and of W, centred on a pixel drawn uniformly, and is clipped to the
+# image. In pixels (the reference CutMix's discretisation): the side H sqrt(1 - lam) is rounded down, and
+# the box spans half of it, rounded down, on either side of the centre: rows [cy - h, cy + h), h =
+# floor(floor(H sqrt(1 - lam)) / 2), clipped to [0, H); likewise for columns.
+H, W = 16, 12
+N_DRAWS = 3000
+Z = 4.0  # tolerance in standard errors of the mean: a correct CutMix lands outside with probability 6e-5
+
+
+def pasted_fraction_moments(height: int, width: int, lam: float) -> tuple[float, float]:
+    """Mean and variance of the pasted fraction over every centre pixel (each equally likely)."""
+    half_h = int(height * np.sqrt(1 - lam)) // 2
+    half_w = int(width * np.sqrt(1 - lam)) // 2
+    cy, cx = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    rows = np.minimum(cy + half_h, height) - np.maximum(cy - half_h, 0)
+    cols = np.minimum(cx + half_w, width) - np.maximum(cx - half_w, 0)
+    fractions = rows * cols / (height * width)
+    return float(fractions.mean()), float(fractions.var())
+
+
+def two_images() -> torch.Tensor:
+    """Image 0 all zeros, image 1 all ones: a pixel of image 0's mixture came from its partner iff it is 1."""
+    return torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, H, W).contiguous()
+
+
+def pasted_into_first(mix: torch.Tensor) -> float:
+    return int((mix[0] == 1.0).sum()) / (H * W)
+
+
+def test_the_enumerated_expectation_on_known_answers():
+    # 4x4, lam 0.75: side 2, rows [cy - 1, cy + 1) clipped: 1 row for cy = 0, else 2; the same for columns.
+    assert pasted_fraction_moments(4, 4, 0.75)[0] == pytest.approx((7 / 4) ** 2 / 16)
+    assert pasted_fraction_moments(16, 12, 1.0) == (0.0, 0.0)  # lam 1: nothing pasted
+    # lam 0: the side is the image's; a centre-anchored box always keeps some clipped part.
+    assert pasted_fraction_moments(8, 8, 0.0)[0] == pytest.approx(((4 + 5 + 6 + 7 + 8 + 7 + 6 + 5) / 8 / 8) ** 2)
+    # Large images approach the continuous definition: a side of fraction f with a uniform centre keeps
+    # f - f^2/4 of the axis on average, so with 1 - lam = u ~ U(0, 1), f = sqrt(u), the mean pasted
+    # area is E[u (1 - sqrt(u)/4)^2] = 1/2 - 1/5 + 1/48.
+    assert sampler_moments(200, 200)[0] == pytest.approx(1 / 2 - 1 / 5 + 1 / 48, rel=0.02)
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_cutmix_pastes_the_expected_area_and_lambda_is_what_remains(lam):
+    x = two_images()
+    rng = np.random.default_rng(int(lam * 100))
+    pasted = []
+    for _ in range(N_DRAWS):
+        mix, lam_corrected = cutmix(x, cutmix_box(H, W, lam, rng))
+        fraction = pasted_into_first(mix)
+        assert lam_corrected == pytest.approx(1 - fraction, abs=1e-12)  # lam: the share of image 0 kept
+        pasted.append(fraction)
+    mean, var = pasted_fraction_moments(H, W, lam)
+    assert mean > Z * np.sqrt(var / N_DRAWS)  # a CutMix that never pastes is far outside the tolerance
+    assert np.mean(pasted) == pytest.approx(mean, abs=Z * np.sqrt(var / N_DRAWS))
+    assert np.var(pasted) == pytest.approx(var, rel=0.25)
+
+
+def sampler_moments(height: int, width: int) -> tuple[float, float]:
+    """Mean and variance of the pasted fraction with lam ~ U(0, 1) (Beta(1, 1)): the conditional
+    moments are constant between the lams where a rounded side changes, so the integral is a sum."""
+    edges = {0.0, 1.0} | {1 - (k / n) ** 2 for n in (height, width) for k in range(n + 1)}
+    edges = sorted(e for e in edges if 0 <= e <= 1)
+    m1 = m2 = 0.0
+    for a, b in zip(edges, edges[1:]):
+        mean, var = pasted_fraction_moments(height, width, (a + b) / 2)
+        m1 += (b - a) * mean
+        m2 += (b - a) * (var + mean ** 2)
+    return m1, m2 - m1 ** 2
+
+
+def test_mixture_sampler_cutmix_pastes_the_expected_area_and_corrects_lambda():
+    sampler = MixtureSampler(MixtureConfig(type="cutmix", beta=1.0), seed=11)
+    x, n = two_images(), 4 * N_DRAWS
+    pasted = []
+    for _ in range(n):
+        m = sampler(x)
+        fraction = pasted_into_first(m.images)
+        assert m.kind == "cutmix" and m.lam == pytest.approx(1 - fraction, abs=1e-12)
+        assert torch.equal(m.images[1], 1 - m.images[0])  # image 1 got image 0's box: the same box
+        pasted.append(fraction)
+    mean, var = sampler_moments(H, W)
+    assert np.mean(pasted) == pytest.approx(mean, abs=Z * np.sqrt(var / n))
+
+
 def test_lambda_one_gives_the_input_back():
     x = batch()
     assert torch.equal(mixup(x, 1.0), x)

@@ -107,7 +107,8 @@ def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor, local: bool = False) -> torch.Tensor:
+def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor, local: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """``encoder(x)`` computed on a random permutation of the global batch, returned in ``x``'s order.
 
     Shuffling BN (He et al., MoCo, CVPR 2020): each rank's BatchNorm then normalises keys with the
@@ -116,15 +117,19 @@ def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor, local: bool = Fa
     and a permutation changes nothing, so the encoder runs on ``x`` directly, unless ``local``: split
     BN (``unmix_ray.norm.SplitBatchNorm``) normalises sub-batches of one process, and the permutation
     keeps a key out of its query's split. Local batches must be of equal size (drop_last loaders).
+
+    The permutation is drawn from ``generator`` (on ``x``'s device; default: torch's global one), rank
+    0's draw being broadcast to every rank. A generator seeded from the training step makes the draw
+    reproducible, so a run resumed from a checkpoint shuffles as the uninterrupted run did.
     """
     n_ranks = world_size()
     if n_ranks == 1:
         if not local:
             return encoder(x)
-        perm = torch.randperm(x.shape[0], device=x.device)
+        perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
         return encoder(x[perm])[torch.argsort(perm)]
     x_all = all_gather_no_grad(x)
-    perm = torch.randperm(x_all.shape[0], device=x.device)
+    perm = torch.randperm(x_all.shape[0], generator=generator, device=x.device)
     dist.broadcast(perm, src=0)
     mine = perm.view(n_ranks, -1)[rank()]
     out_all = all_gather_no_grad(encoder(x_all[mine]))

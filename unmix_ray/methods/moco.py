@@ -38,6 +38,11 @@ BatchNorm2d layers normalise interleaved sub-batches, and keys are shuffled with
 kNN evaluates the normalised head output (``knn_head``), as the authors' monitor did. The
 momentum encoder moves once per optimiser step, in ``after_step``: the same as MoCo's update at the
 start of the next forward, since nothing reads the key encoder in between.
+
+The shuffle's permutations come from a generator seeded from (``shuffle_seed``, ``shuffle_count``):
+a seed drawn at construction from torch's generator (seeded alike on every rank, as the weights are)
+and the number of permutations drawn so far. Both are buffers, so a checkpoint carries them and a run
+resumed from it shuffles exactly as the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -45,12 +50,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from unmix_ray.collectives import all_gather_no_grad, shuffled_forward
+from unmix_ray.collectives import all_gather_no_grad, is_distributed, shuffled_forward
 from unmix_ray.config import Model
 from unmix_ray.losses.info_nce import info_nce
 from unmix_ray.methods.base import SSLMethod, ema_update, frozen_copy
@@ -113,6 +119,10 @@ class MoCo(SSLMethod):
         self.key_projector = frozen_copy(self.projector)
         self.register_buffer("queue", F.normalize(torch.randn(params.queue_size, params.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("shuffle_seed", torch.randint(2**62, ()))
+        self.register_buffer("shuffle_count", torch.zeros((), dtype=torch.long))
+        # Host copies of (shuffle_seed, shuffle_count), so that seeding a draw reads nothing from the device.
+        self._shuffle_state = (int(self.shuffle_seed), 0)
 
     def outputs(self, x: torch.Tensor) -> Query:
         return Query(F.normalize(self.projector(self.backbone(x)), dim=1))
@@ -124,7 +134,23 @@ class MoCo(SSLMethod):
     def keys(self, x: torch.Tensor) -> Key:
         if not self.params.shuffle_bn:
             return Key(self._key_encoder(x))
-        return Key(shuffled_forward(self._key_encoder, x, local=self.params.bn_splits > 1))
+        local = self.params.bn_splits > 1
+        generator = self._shuffle_generator(x.device) if local or is_distributed() else None  # None: no draw
+        return Key(shuffled_forward(self._key_encoder, x, local=local, generator=generator))
+
+    @torch.compiler.disable  # host-side state: under torch.compile a graph break, not a recompilation per step
+    def _shuffle_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the next key-shuffle permutation, seeded from (seed, permutations drawn so far)."""
+        seed, count = self._shuffle_state
+        self._shuffle_state = (seed, count + 1)
+        self.shuffle_count.fill_(count + 1)
+        return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, count]).generate_state(1)[0]))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for name in ("shuffle_seed", "shuffle_count"):  # checkpoints written before the shuffle was seeded
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._shuffle_state = (int(self.shuffle_seed), int(self.shuffle_count))  # one device read, at load
 
     def loss(self, a: Query | Key, b: Query | Key, negatives: torch.Tensor | None = None) -> torch.Tensor:
         """InfoNCE of the query (either argument) against the key (the other one) and ``negatives``

@@ -19,18 +19,13 @@ import ray.train.torch
 import torch
 
 from unmix_ray import checkpoint
-from unmix_ray.augment import BatchAugment
-from unmix_ray.collectives import average_buffers, mean_over_ranks
+from unmix_ray.collectives import mean_over_ranks
 from unmix_ray.config import TrialConfig
 from unmix_ray.data import image_loader
 from unmix_ray.evaluation import PROTOCOL_TAG, evaluate, knn_protocol, monitor_knn
-from unmix_ray.methods import build_method
-from unmix_ray.models import build_backbone
-from unmix_ray.norm import global_batchnorm, running_stats, wants_global_bn
-from unmix_ray.optim import build_optimizer, build_scheduler, scaled_lr
-from unmix_ray.step import NonFiniteLossError, Pretrainer, epoch_seed
+from unmix_ray.optim import scaled_lr
+from unmix_ray.step import NonFiniteLossError, Pretrainer, build_training
 from unmix_ray.train.logger import RunLogger
-from unmix_ray.unmix import MixtureSampler
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -45,37 +40,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     batches = image_loader(trial.dataset, trial.dataset.pretrain_splits, tc.batch_per_worker, mode="pretrain",
                            seed=trial.seed, rank=rank, world_size=world)
-    torch.manual_seed(trial.seed)  # identical initialisation on every rank
-    method = build_method(trial.method, build_backbone(tc.backbone, trial.dataset.channels)).to(device)
-    if wants_global_bn(tc.sync_bn, method.global_bn, world):  # before the optimiser and DDP see the modules
-        method = global_batchnorm(method, device)
-    if tc.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(method, trial.method.optim, tc.batch_size)
-    scheduler = build_scheduler(optimizer, trial.method.optim, len(batches), tc.epochs, tc.batch_size)
+    method, optimizer, scheduler = build_training(trial, len(batches), device, world)
     start_epoch = restore(method, optimizer, scheduler, device)
     # Buffers are not re-broadcast each step: method state such as the MoCo queue is kept identical by
     # construction, and BN running statistics (per rank without global BN) are averaged over the ranks
-    # before every evaluation and checkpoint, so every rank's evaluation shard is encoded by one network.
+    # at the end of every epoch (Pretrainer.train_epoch), before its evaluations and checkpoint, so every
+    # rank's evaluation shard is encoded by one network.
     model = (ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
              if world > 1 else method)
     if tc.compile:
         model = torch.compile(model)
-    augment_gen = torch.Generator(device=device)
-    augment = BatchAugment(trial.dataset.augment, trial.dataset.crop_size, trial.dataset.mean,
-                           trial.dataset.std, augment_gen)
-    trainer = Pretrainer(model, method, optimizer, scheduler, augment, tc.precision, tc.channels_last,
-                         tc.nan_check_every)
+    trainer = Pretrainer.for_trial(trial, model, method, optimizer, scheduler, device)
 
     total_steps = max(1, len(batches) * tc.epochs)
     for epoch in range(start_epoch, tc.epochs):
-        augment_gen.manual_seed(epoch_seed(trial.seed, rank, epoch, 0))
-        mixer = MixtureSampler(trial.mixture, seed=epoch_seed(trial.seed, rank, epoch, 1))
         start = time.perf_counter()
-        batches.set_epoch(epoch)
         try:
-            mean_loss = trainer.epoch(batches, mixer, device, epoch * len(batches), total_steps,
-                                      where=f"epoch {epoch + 1}, ")
+            mean_loss = trainer.train_epoch(batches, trial.mixture, trial.seed, rank, epoch, device, total_steps,
+                                            where=f"epoch {epoch + 1}, ")
         except NonFiniteLossError as e:
             message = f"{e} of {trial.run_name}"
             if logger:
@@ -89,7 +71,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "images_per_s": len(batches) * tc.batch_size / elapsed, "epoch": epoch + 1,
         }
         last = epoch + 1 == tc.epochs
-        average_buffers(running_stats(method))  # every rank, before the evaluations and checkpoint below
         if trial.eval.knn_every and (epoch + 1) % trial.eval.knn_every == 0:
             knn = monitor_knn(method, trial, device)  # every rank extracts a shard; rank 0 scores
             if knn is not None:
