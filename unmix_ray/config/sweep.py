@@ -52,6 +52,8 @@ class TuneSettings(Model):
     # How long a trial waits for its workers to be placed (an autoscaling cluster brings nodes up meanwhile)
     # before it fails with a message naming what it waits for; the data check on a node waits as long.
     placement_timeout_s: float = Field(1800.0, gt=0.0)
+    log_encoder: bool = True  # each finished trial's encoder as an MLflow model of its run
+    system_metrics_s: float = Field(30.0, ge=0.0)  # seconds between system-metric samples of a trial (0: off)
 
 
 class SweepConfig(Model):

@@ -181,7 +181,8 @@ def _fit(sweep: Sweep, ctx: SweepContext, placements: dict, max_concurrent: int,
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, trials={t.run_name: t.to_dict() for t in sweep.trials},
                              placements={name: p.__dict__ for name, p in placements.items()},
-                             placement_timeout_s=settings.placement_timeout_s),
+                             placement_timeout_s=settings.placement_timeout_s, log_encoder=settings.log_encoder,
+                             system_metrics_s=settings.system_metrics_s),
         driver_slot(settings))
     if settings.asha is not None:
         # Untrained references and epochs between kNN monitors report no monitor metric: let those

@@ -63,10 +63,11 @@ def wait_for_room(placement: Placement, num_workers: int, timeout_s: float, run_
 
 
 def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placements: dict[str, dict[str, Any]],
-              placement_timeout_s: float) -> None:
+              placement_timeout_s: float, log_encoder: bool = True, system_metrics_s: float = 0.0) -> None:
     """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run.
     ``trials`` (every trial's config, by name) and ``placements`` (where its workers go) are put in
-    Ray's object store once, not in each config."""
+    Ray's object store once, not in each config. A finished pretraining's encoder is logged as the
+    run's MLflow model (``log_encoder``)."""
     trial_dict = trials[config["run"]]
     trial = TrialConfig.from_dict(trial_dict)
     ctx = SweepContext(**config["context"])
@@ -83,7 +84,8 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placeme
     storage_path, storage_fs = ctx.storage()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": trial_dict, "run_id": run_id, "tracking_uri": ctx.tracking_uri},
+        train_loop_config={"trial": trial_dict, "run_id": run_id, "tracking_uri": ctx.tracking_uri,
+                           "system_metrics_s": system_metrics_s},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=placement.resources_per_worker,
                                      accelerator_type=placement.accelerator_type,
@@ -104,7 +106,11 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placeme
         raise
     if result.checkpoint is not None:
         scheme = "s3://" if ctx.storage_path.startswith("s3://") else ""
-        client.set_tag(run_id, tracking.TAG_CHECKPOINT, scheme + result.checkpoint.path)
+        location = scheme + result.checkpoint.path
+        client.set_tag(run_id, tracking.TAG_CHECKPOINT, location)
+        if log_encoder and tc.epochs:
+            client.set_tag(run_id, tracking.TAG_MODEL, tracking.log_encoder(
+                ctx.tracking_uri, run_id, location, ctx.storage_endpoint_url))
     client.set_terminated(run_id, status="FINISHED")
 
 
