@@ -36,6 +36,7 @@ from unmix_ray.orchestration.preflight import check_remote_data
 from unmix_ray.orchestration.render import log_results
 from unmix_ray.orchestration.resources import (
     driver_resources,
+    head_limited,
     runtime_cluster,
     sweep_max_concurrent,
     sweep_placements,
@@ -142,7 +143,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
     spec = runtime_cluster(ray.cluster_resources(), cluster)
     placements = sweep_placements(spec.nodes, sweep)
     try:
-        feasible = sweep_max_concurrent(spec.nodes, sweep, placements)
+        feasible = head_limited(sweep_max_concurrent(spec.nodes, sweep, placements), spec)
     except ValueError as e:
         raise SweepError(f"{e} ({spec.name}); nothing was started") from None
     max_concurrent = min(settings.max_concurrent_trials or feasible, feasible)
