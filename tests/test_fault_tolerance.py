@@ -18,14 +18,48 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.compose import load_sweep
+from unmix_ray.config import AugmentConfig, MethodConfig, MixtureConfig
 
 from .conftest import ROOT
 from .services import S3_ENV, moto_s3, s3_keys
-from .test_train_distributed import _loop
 
 EPOCHS = 4
+
+
+def _loop(config: dict) -> None:
+    """A few DDP steps from different initial weights and data per rank: parameters must end identical."""
+    import ray.train
+    import ray.train.torch
+
+    from unmix_ray.augment import BatchAugment
+    from unmix_ray.methods import build_method
+    from unmix_ray.models import NarrowResNet
+    from unmix_ray.unmix import MixtureSampler
+
+    torch.set_num_threads(1)
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(100 + rank)  # different initial weights per rank: DDP must broadcast rank 0's
+    method = build_method(MethodConfig(**config["method"]), NarrowResNet(1, width=8))
+    initial = torch.cat([p.detach().flatten().clone() for p in method.parameters()])
+    model = ray.train.torch.prepare_model(method)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)
+    augment = BatchAugment(AugmentConfig(jitter=(0.4, 0.4, 0, 0), gray_p=0), 16, (0.5,), (0.25,), g)
+    mixer = MixtureSampler(MixtureConfig(type="both"), seed=rank)  # each rank mixes its own batch, its own draw
+    for _ in range(config["steps"]):
+        x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8, generator=g)  # different data per rank
+        x0, x1 = augment(x), augment(x)
+        out = model(x0, x1, mixer(x0))
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+    final = torch.cat([p.detach().flatten() for p in method.parameters()])
+    torch.save({"initial": initial, "final": final}, f"{config['out']}/rank{rank}.pt")
+    ray.train.report({"loss": out.total.item()})
+
+
 SMALL = [
-    "grid.mixture=[both]", "untrained_reference=false", f"train.epochs={EPOCHS}", "train.batch_size=64",
+    "grid.mixture=[both]", "grid.seed=[0]", "untrained_reference=false", f"train.epochs={EPOCHS}", "train.batch_size=64",
     "train.num_workers=2", "train.torch_threads=1", "train.max_failures=3", "train.checkpoint_every=1",
     "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=300",
     "eval.linear_epochs=1", "eval.knn_k=20", "eval.knn_every=0",

@@ -44,7 +44,8 @@ def finished_run(tmp_path, small_fashion_mnist):
     """A trial run as the sweep leaves it: FINISHED, tagged with its checkpoint (a state.pt folder)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
-        f"datasets.fashion_mnist.root={small_fashion_mnist}", "train.epochs=2", "eval.knn_k=10",
+        f"datasets.fashion_mnist.root={small_fashion_mnist}", "grid.mixture=[cutmix]", "train.epochs=2",
+        "eval.knn_k=10",
         "eval.linear_epochs=3", "eval.paper_epochs=2", "eval.feature_batch_size=128"])
     trial = next(t for t in sweep.trials if t.variant == "cutmix")
     client = MlflowClient(uri)

@@ -284,6 +284,6 @@ def test_paper_sweep_structure_and_plan():
 
 def test_dry_run_of_the_cpu_demo():
     text = dry_run("configs/sweeps/demo.yaml")
-    assert "Sweep 'demo': 5 trials" in text
+    assert "Sweep 'demo': 7 trials (6 pretraining, 1 untrained-encoder references)" in text
     assert "CPU trial: no GPU-hours" in text
     assert "Cluster this machine" in text

@@ -62,6 +62,8 @@ class SweepConfig(Model):
     experiment: str = "unmix-ray"
     mixture_beta: float = Field(1.0, gt=0.0)
     untrained_reference: bool = True
+    # The untrained encoder of every seed, or of the first only (a reference, not a compared variant).
+    untrained_seeds: Literal["all", "first"] = "all"
     train: dict[str, Any] = Field(default_factory=dict)
     # Per-recipe changes to ``train``, keyed by a method name, a dataset name or "dataset/method";
     # merged in that order (the most specific wins). See ``unmix_ray.compose.trial_train``.

@@ -62,6 +62,13 @@ def wait_for_room(placement: Placement, num_workers: int, timeout_s: float, run_
         remove_placement_group(pg)
 
 
+def scaling_config(trial: TrialConfig, placement: Placement) -> ScalingConfig:
+    """Where and how many Ray Train workers the trial gets: its planned placement."""
+    return ScalingConfig(num_workers=trial.train.num_workers, use_gpu=trial.train.use_gpu,
+                         resources_per_worker=placement.resources_per_worker,
+                         accelerator_type=placement.accelerator_type, placement_strategy=placement.strategy)
+
+
 def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placements: dict[str, dict[str, Any]],
               placement_timeout_s: float, log_encoder: bool = True, system_metrics_s: float = 0.0) -> None:
     """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run.
@@ -86,10 +93,7 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placeme
         train_loop_per_worker,
         train_loop_config={"trial": trial_dict, "run_id": run_id, "tracking_uri": ctx.tracking_uri,
                            "system_metrics_s": system_metrics_s},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=placement.resources_per_worker,
-                                     accelerator_type=placement.accelerator_type,
-                                     placement_strategy=placement.strategy),
+        scaling_config=scaling_config(trial, placement),
         run_config=RunConfig(
             name=f"{ctx.sweep_id}--{trial.run_name}",
             storage_path=storage_path,
