@@ -59,7 +59,8 @@ def _loop(config: dict) -> None:
 
 
 SMALL = [
-    "grid.mixture=[both]", "grid.seed=[0]", "untrained_reference=false", f"train.epochs={EPOCHS}", "train.batch_size=64",
+    "grid.mixture=[both]", "grid.seed=[0]", "untrained_reference=false", f"train.epochs={EPOCHS}",
+    "train.batch_size=64",
     "train.num_workers=2", "train.torch_threads=1", "train.max_failures=3", "train.checkpoint_every=1",
     "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=300",
     "eval.linear_epochs=1", "eval.knn_k=20", "eval.knn_every=0",

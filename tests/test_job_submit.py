@@ -17,7 +17,8 @@ from .conftest import ROOT
 from .services import s3_keys
 from .test_standin import listening_addresses, port_of
 
-SMALL = ["grid.mixture=[none, cutmix]", "grid.seed=[0]", "train.epochs=2", "train.batch_size=64", "train.torch_threads=1",
+SMALL = ["grid.mixture=[none, cutmix]", "grid.seed=[0]", "train.epochs=2", "train.batch_size=64",
+         "train.torch_threads=1",
          "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=500",
          "eval.linear_epochs=2", "eval.knn_k=20", "tune.max_concurrent_trials=2"]
 

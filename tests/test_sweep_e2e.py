@@ -69,7 +69,8 @@ def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, fashio
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
-        "grid.mixture=[none, both]", "grid.seed=[0]", "untrained_reference=false", "train.epochs=4", "train.batch_size=64",
+        "grid.mixture=[none, both]", "grid.seed=[0]", "untrained_reference=false", "train.epochs=4",
+        "train.batch_size=64",
         "datasets.fashion_mnist.train_subset=256", "datasets.fashion_mnist.test_subset=200", "eval.knn_every=0",
         "eval.linear_epochs=1", "eval.knn_k=20", "tune.max_concurrent_trials=1",
         "tune.asha={metric: loss, mode: min, grace_period: 1, reduction_factor: 2}",
