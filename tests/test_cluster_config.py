@@ -254,7 +254,8 @@ def test_requirements_lock_pins_every_dependency():
         assert name in pins, f"{name} missing from requirements.lock"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {req.specifier}"
     # MLflow's PostgreSQL driver (the AWS head and the Kubernetes MLflow server use postgresql://).
-    assert {"psycopg2-binary", "psycopg2"} & set(pins), "requirements.lock has no PostgreSQL driver"
+    # SQLAlchemy 2.1 takes psycopg (3) for postgresql:// URIs.
+    assert {"psycopg", "psycopg-binary"} <= set(pins), "requirements.lock has no PostgreSQL driver"
 
 
 def test_services_listen_privately_and_auth_is_on(aws):

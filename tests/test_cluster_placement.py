@@ -66,9 +66,10 @@ def run_in_thread(sweep, uri, cluster_file):
 
 
 @pytest.mark.slow
-def test_a_sweep_on_a_cluster_at_zero_runs_once_a_worker_appears(cluster, tmp_path, fashion_mnist_root):
+def test_a_sweep_on_a_cluster_at_zero_runs_once_a_worker_appears(cluster, tmp_path, small_fashion_mnist):
     manifest = kuberay_manifest(tmp_path / "raycluster.yaml", {"cpu": {"num-cpus": "2"}})
-    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [f"tune.storage_path={tmp_path / 'ray'}"])
+    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [
+        f"tune.storage_path={tmp_path / 'ray'}", f"datasets.fashion_mnist.root={small_fashion_mnist}"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     thread, box = run_in_thread(sweep, uri, manifest)
     time.sleep(20)  # the sweep started on a head with no CPUs: the trial waits for room

@@ -151,11 +151,13 @@ def test_parameters_identical_across_nodes(two_nodes, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_a_worker_resumes_from_s3_checkpoint_into_the_same_run(two_nodes, tmp_path, fashion_mnist_root):
+def test_sigkill_a_worker_resumes_from_s3_checkpoint_into_the_same_run(two_nodes, tmp_path,
+                                                                      small_fashion_mnist):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with moto_s3(tmp_path, "ckpt") as endpoint:
         sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [
-            "tune.storage_path=s3://ckpt/runs", f"tune.storage_endpoint_url={endpoint}"])
+            f"datasets.fashion_mnist.root={small_fashion_mnist}", "tune.storage_path=s3://ckpt/runs",
+            f"tune.storage_endpoint_url={endpoint}"])
         name = sweep.trials[0].run_name
         thread, box = run_in_thread(sweep, uri)
         wait_for(lambda: len(epochs_logged(uri, name)) >= 2 or not thread.is_alive(), 600, "epoch 2")
@@ -174,10 +176,11 @@ def test_sigkill_a_worker_resumes_from_s3_checkpoint_into_the_same_run(two_nodes
 
 
 @pytest.mark.slow
-def test_losing_a_worker_node_resumes_into_the_same_run(two_nodes, tmp_path, fashion_mnist_root):
+def test_losing_a_worker_node_resumes_into_the_same_run(two_nodes, tmp_path, small_fashion_mnist):
     cluster, worker = two_nodes
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [f"tune.storage_path={tmp_path / 'ray'}"])
+    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [
+        f"tune.storage_path={tmp_path / 'ray'}", f"datasets.fashion_mnist.root={small_fashion_mnist}"])
     name = sweep.trials[0].run_name
     thread, box = run_in_thread(sweep, uri)
     wait_for(lambda: len(epochs_logged(uri, name)) >= 2 or not thread.is_alive(), 600, "epoch 2")
@@ -190,11 +193,11 @@ def test_losing_a_worker_node_resumes_into_the_same_run(two_nodes, tmp_path, fas
 
 
 @pytest.mark.slow
-def test_killed_sweep_driver_resumes_every_trial_exactly_once(tmp_path, fashion_mnist_root):
+def test_killed_sweep_driver_resumes_every_trial_exactly_once(tmp_path, small_fashion_mnist):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [sys.executable, str(ROOT / "jobs/sweep.py"), "--config", str(ROOT / "configs/sweeps/demo.yaml")]
     for item in [*SMALL, "grid.mixture=[none, both]", "train.num_workers=1", "tune.max_concurrent_trials=1",
-                 f"tune.storage_path={tmp_path / 'ray'}"]:
+                 f"tune.storage_path={tmp_path / 'ray'}", f"datasets.fashion_mnist.root={small_fashion_mnist}"]:
         args += ["--set", item]
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
     with open(tmp_path / "driver1.log", "w") as log:

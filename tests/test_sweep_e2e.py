@@ -15,22 +15,27 @@ from .conftest import ROOT
 
 SMALL = [
     "grid.mixture=[none, both]", "grid.seed=[0]", "train.epochs=2", "train.batch_size=64", "train.torch_threads=1",
-    "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=500",
-    "eval.linear_epochs=2", "eval.knn_k=20", "tune.max_concurrent_trials=2",
+    "eval.linear_epochs=10", "eval.knn_k=20", "tune.max_concurrent_trials=2", "tune.system_metrics_s=1",
 ]
 
 
 @pytest.mark.slow
-def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, fashion_mnist_root):
+def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, small_fashion_mnist):
+    import mlflow.pytorch
+    import torch
+
+    from unmix_ray.evaluation import knn_predict, split_features, topk_accuracy
     from unmix_ray.orchestration.sweep import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [f"tune.storage_path={tmp_path / 'ray'}"])
+    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [
+        f"tune.storage_path={tmp_path / 'ray'}", f"datasets.fashion_mnist.root={small_fashion_mnist}"])
     table = run_sweep(sweep, uri)
 
     assert table.complete
     assert list(table.rows["variant"]) == ["untrained", "none", "both@0.5"]
-    assert table.rows["knn_top1"].between(10, 100).all() and table.rows["linear_top1"].between(10, 100).all()
+    knn = dict(zip(table.rows["variant"], table.rows["knn_top1"]))
+    assert knn["none"] > knn["untrained"] and knn["both@0.5"] > knn["untrained"]  # pretraining taught something
     both = table.rows.iloc[2]
     assert both["delta_knn_top1"] == pytest.approx(both["knn_top1"] - table.rows.iloc[1]["knn_top1"])
     assert "kNN k=20" in both["knn_protocol"] and "linear" in both["linear_protocol"]
@@ -51,7 +56,7 @@ def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, fash
     trained = next(r for r in trials if r.info.run_name.endswith("both-p0.5-s0"))
     assert trained.data.tags["mixture_type"] == "both" and trained.data.tags["mixture_prob"] == "0.5"
     history = client.get_metric_history(trained.info.run_id, "loss")
-    assert [m.step for m in history] == [1, 2]
+    assert [m.step for m in history] == [1, 2] and history[1].value < history[0].value  # the loss falls
     assert [m.step for m in client.get_metric_history(trained.info.run_id, "monitor_knn_top1")] == [1, 2]
     assert trained.data.metrics["loss_mixed"] > 0
     artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "results")}
@@ -60,9 +65,23 @@ def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, fash
     again = build_results(uri, "unmix-ray", table.sweep_id)  # what jobs/report.py prints
     assert again.rows.equals(table.rows)
 
+    # Lineage: the encoder is an MLflow model that reproduces the run's kNN on the same data; the run names
+    # its dataset and its source, and samples the node's system metrics.
+    encoder = mlflow.pytorch.load_model(trained.data.tags["unmix.model"]).eval()
+    trial = next(t for t in sweep.trials if t.run_name == trained.info.run_name)
+    ds, ev = trial.dataset, trial.eval
+    with torch.no_grad():
+        bank, bank_labels = split_features(encoder, ds, ds.train_split, None, 0, torch.device("cpu"), 256)
+        queries, labels = split_features(encoder, ds, ds.test_split, ds.test_subset, 0, torch.device("cpu"), 256)
+    top1 = topk_accuracy(knn_predict(bank, bank_labels, queries, ds.num_classes, ev.knn_k, ev.knn_t), labels)
+    assert top1 == pytest.approx(trained.data.metrics["knn_top1"], abs=1e-6)
+    assert trained.inputs.dataset_inputs[0].dataset.name == "fashion_mnist"
+    assert len(trained.data.tags["mlflow.source.git.commit"]) == 40
+    assert any(k.startswith("system/") for k in trained.data.metrics)
+
 
 @pytest.mark.slow
-def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, fashion_mnist_root):
+def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, small_fashion_mnist):
     """Sequential trials, ASHA on the training loss: the Un-Mix trial's total loss (clean + mixed terms)
     is far above the baseline's, so at the first rung ASHA stops it."""
     from unmix_ray.orchestration.sweep import run_sweep
@@ -71,7 +90,8 @@ def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, fashio
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
         "grid.mixture=[none, both]", "grid.seed=[0]", "untrained_reference=false", "train.epochs=4",
         "train.batch_size=64",
-        "datasets.fashion_mnist.train_subset=256", "datasets.fashion_mnist.test_subset=200", "eval.knn_every=0",
+        f"datasets.fashion_mnist.root={small_fashion_mnist}", "datasets.fashion_mnist.train_subset=256",
+        "eval.knn_every=0", "tune.log_encoder=false",
         "eval.linear_epochs=1", "eval.knn_k=20", "tune.max_concurrent_trials=1",
         "tune.asha={metric: loss, mode: min, grace_period: 1, reduction_factor: 2}",
         f"tune.storage_path={tmp_path / 'ray'}",
