@@ -210,10 +210,9 @@ def test_killed_sweep_driver_resumes_every_trial_exactly_once(tmp_path, small_fa
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, as when its machine dies
         driver.wait()
-    sweep_id = next(line.split()[1].rstrip(":") for line in (tmp_path / "driver1.log").read_text().splitlines()
-                    if line.startswith("Sweep "))
-    resumed = subprocess.run(args + ["--resume", sweep_id], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=1200)
+    # Resumed by the sweep's name, with no config: the newest instance of "demo", its config from MLflow.
+    resumed = subprocess.run([sys.executable, str(ROOT / "jobs/sweep.py"), "--resume", "demo"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=1200)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     for name in (first, second):
         assert_one_complete_run(uri, name)
