@@ -5,6 +5,7 @@ ends a trial's run from the driver side when the trial itself could not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -19,6 +20,7 @@ from unmix_ray.config import TrialConfig
 from unmix_ray.orchestration import tracking
 from unmix_ray.orchestration.resources import Placement
 from unmix_ray.orchestration.results import TABLE_METRICS
+from unmix_ray.redact import redact
 from unmix_ray.storage import arrow_filesystem
 from unmix_ray.train.loop import train_loop_per_worker
 
@@ -86,7 +88,6 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placeme
         wait_for_room(placement, tc.num_workers, placement_timeout_s, trial.run_name)
     except TrialUnplaceable as e:
         client.set_tag(run_id, "unmix.error", str(e))
-        client.set_terminated(run_id, status="FAILED")
         raise
     storage_path, storage_fs = ctx.storage()
     trainer = TorchTrainer(
@@ -103,11 +104,9 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placeme
             callbacks=[TuneReportCallback()],
         ),
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+    # A failure (or Tune's stop) ends the run from the driver side, in MlflowTrialStatus: an exception
+    # here can also be the stop itself arriving, which must not be recorded as a failure.
+    result = trainer.fit()
     if result.checkpoint is not None:
         scheme = "s3://" if ctx.storage_path.startswith("s3://") else ""
         location = scheme + result.checkpoint.path
@@ -118,10 +117,20 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placeme
     client.set_terminated(run_id, status="FINISHED")
 
 
+def _error_text(trial: Any) -> str:
+    """The last line of the trial's error as Tune recorded it (the exception and its message)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()] if path else []
+    except OSError:
+        lines = []
+    return redact(lines[-1][:2000]) if lines else "the trial failed (see its Tune log)"
+
+
 class MlflowTrialStatus(tune.Callback):
     """Ends a trial's MLflow run from the driver side, where Tune's word is final: a trial that errored is
-    FAILED; one that Tune stopped (a scheduler's early stop) is KILLED, also when the trial's own code,
-    interrupted, had already marked it FAILED."""
+    FAILED (with its error as the tag ``unmix.error``); one that Tune stopped (a scheduler's early stop)
+    is KILLED. A trial only ever marks its own run FINISHED."""
 
     def __init__(self, uri: str, experiment_id: str, sweep_id: str):
         self.uri, self.experiment_id, self.sweep_id = uri, experiment_id, sweep_id
@@ -131,10 +140,13 @@ class MlflowTrialStatus(tune.Callback):
         runs = tracking.find_runs(client, self.experiment_id,
                                   **{tracking.TAG_SWEEP_ID: self.sweep_id, tracking.TAG_TRIAL: trial.config["run"]})
         for run in runs:
-            if run.info.status == "RUNNING" or (status == "KILLED" and run.info.status == "FAILED"):
-                # Stopped at its last report, after its final evaluation: it finished, nothing was cut.
-                done = status == "KILLED" and any(m in run.data.metrics for m in TABLE_METRICS[1:])
-                client.set_terminated(run.info.run_id, status="FINISHED" if done else status)
+            if run.info.status != "RUNNING":
+                continue
+            if status == "FAILED" and "unmix.error" not in run.data.tags:
+                client.set_tag(run.info.run_id, "unmix.error", _error_text(trial))
+            # Stopped at its last report, after its final evaluation: it finished, nothing was cut.
+            done = status == "KILLED" and any(m in run.data.metrics for m in TABLE_METRICS[1:])
+            client.set_terminated(run.info.run_id, status="FINISHED" if done else status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED")
