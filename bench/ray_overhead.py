@@ -4,11 +4,15 @@ Same code (``unmix_ray.step.Pretrainer``), model (narrow ResNet, SimCLR with Un-
 data (a Fashion-MNIST subset) and global batch in every setting; the CPU threads in use are the same
 too (plain: one process with T threads; Ray 1 worker: T threads; Ray 2 workers: T/2 threads each, each
 on half of every global batch, DDP over gloo). Per-epoch times exclude the first (warm-up) epoch.
-Cluster start-up (``ray.init``) and Train's set-up are reported separately.
+Cluster start-up and each trial's fixed cost (Train's set-up and teardown: one ``TorchTrainer.fit()``
+minus its epochs) are reported separately, for the embedded Ray a sweep starts on a laptop
+(``unmix_ray.orchestration.local_ray.start_local``: loopback, no dashboard, no Train preemption
+watcher or metrics export) and, with ``--compare-defaults``, for Ray's defaults in the same run.
 
-    python bench/ray_overhead.py [--epochs 4] [--images 4096] [--batch 128] [--threads 2]
+    python bench/ray_overhead.py [--epochs 4] [--images 4096] [--batch 128] [--threads 2] [--compare-defaults]
 
-Last line: one JSON object {"ray_1_worker": {"ratio": r, ...}, "ray_2_workers": {...}, "startup_s": {...}}.
+Last line: one JSON object {"embedded": {"ray_1_worker": {"ratio": r, ...}, "ray_2_workers": {...},
+"startup_s": {...}}, "defaults": {...}, "plain": {...}}.
 """
 
 from __future__ import annotations
@@ -94,6 +98,35 @@ def through_ray(args: dict, workers: int, storage: str) -> tuple[list[float], fl
     return times, time.perf_counter() - start - sum(times)
 
 
+def measure(args: dict, embedded: bool) -> dict:
+    """Epoch times through Ray Train (1 and 2 workers) and the fixed costs, on a fresh Ray."""
+    import os
+    import subprocess
+    import tempfile
+
+    import ray
+
+    from unmix_ray.orchestration.local_ray import start_local, stop_local
+
+    runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    start = time.perf_counter()
+    if embedded:
+        start_local(num_cpus=args["threads"], runtime_env=runtime_env)
+    else:
+        ray.init(address="local", num_cpus=args["threads"], runtime_env=runtime_env)
+    init_s = time.perf_counter() - start
+    storage = tempfile.mkdtemp(prefix="bench-ray-")
+    one, setup1 = through_ray(args, 1, storage)
+    two, setup2 = through_ray(args, 2, storage)
+    if embedded:
+        stop_local()
+    else:
+        ray.shutdown()
+    if not embedded:  # Ray's default start leaves its dashboard's helpers to the next start: stop them
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, env=os.environ | {"RAY_ADDRESS": ""})
+    return {"one": one, "two": two, "setup1": setup1, "setup2": setup2, "init_s": init_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
@@ -101,39 +134,36 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--compare-defaults", action="store_true",
+                        help="also measure on a Ray started with its defaults (dashboard, Train's support actors)")
     a = parser.parse_args()
-    args = vars(a)
-
-    import tempfile
-
-    import ray
+    args = {k: v for k, v in vars(a).items() if k != "compare_defaults"}
 
     base = plain(args)
-    start = time.perf_counter()
-    ray.init(address="local", num_cpus=args["threads"], include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    init_s = time.perf_counter() - start
-    storage = tempfile.mkdtemp(prefix="bench-ray-")
-    one, setup1 = through_ray(args, 1, storage)
-    two, setup2 = through_ray(args, 2, storage)
-    ray.shutdown()
+    results = {"embedded": measure(args, embedded=True)}
+    if a.compare_defaults:
+        results["defaults"] = measure(args, embedded=False)
 
     def med(times: list[float]) -> float:
         return statistics.median(times[1:] if len(times) > 1 else times)
 
-    rows = [("plain PyTorch", base), ("Ray Train, 1 worker", one), ("Ray Train, 2 workers", two)]
-    print(f"{'setting':24} {'median epoch s':>15} {'ratio':>7}   epochs (s)")
-    for name, times in rows:
-        print(f"{name:24} {med(times):15.2f} {med(times) / med(base):7.3f}   {', '.join(f'{t:.2f}' for t in times)}")
-    print(f"start-up: ray.init {init_s:.1f} s; Train set-up + teardown {setup1:.1f} s (1 worker), "
-          f"{setup2:.1f} s (2 workers)")
-    print(json.dumps({
-        "ray_1_worker": {"ratio": round(med(one) / med(base), 4), "median_epoch_s": round(med(one), 3)},
-        "ray_2_workers": {"ratio": round(med(two) / med(base), 4), "median_epoch_s": round(med(two), 3)},
-        "plain": {"median_epoch_s": round(med(base), 3)},
-        "startup_s": {"ray_init": round(init_s, 2), "train_setup_1_worker": round(setup1, 2),
-                      "train_setup_2_workers": round(setup2, 2)},
-    }))
+    print(f"{'setting':34} {'median epoch s':>15} {'ratio':>7}   epochs (s)")
+    print(f"{'plain PyTorch':34} {med(base):15.2f} {1:7.3f}   {', '.join(f'{t:.2f}' for t in base)}")
+    out: dict = {"plain": {"median_epoch_s": round(med(base), 3)}}
+    for label, r in results.items():
+        for key, name in (("one", "1 worker"), ("two", "2 workers")):
+            times = r[key]
+            print(f"{f'Ray Train ({label}), {name}':34} {med(times):15.2f} {med(times) / med(base):7.3f}   "
+                  f"{', '.join(f'{t:.2f}' for t in times)}")
+        print(f"  {label}: Ray start {r['init_s']:.1f} s; per-trial Train set-up + teardown {r['setup1']:.1f} s "
+              f"(1 worker), {r['setup2']:.1f} s (2 workers)")
+        out[label] = {
+            "ray_1_worker": {"ratio": round(med(r["one"]) / med(base), 4), "median_epoch_s": round(med(r["one"]), 3)},
+            "ray_2_workers": {"ratio": round(med(r["two"]) / med(base), 4), "median_epoch_s": round(med(r["two"]), 3)},
+            "startup_s": {"ray_init": round(r["init_s"], 2), "train_setup_1_worker": round(r["setup1"], 2),
+                          "train_setup_2_workers": round(r["setup2"], 2)},
+        }
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

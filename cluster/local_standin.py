@@ -2,8 +2,11 @@
 
 It starts, with free ports and bounded waits:
 - the S3 API (``moto_server -H 127.0.0.1``) and the artifact bucket in it;
-- an MLflow tracking server (``--backend-store-uri sqlite:///...``, ``--artifacts-destination
-  s3://BUCKET/mlflow``, ``--host 127.0.0.1``) whose S3 client points at that endpoint;
+- PostgreSQL (Debian's binaries, a cluster of its own in the stand-in's folder, on 127.0.0.1), the
+  run database, as RDS is on the AWS cluster and the manifests' database on KubeRay;
+- an MLflow tracking server (``mlflow db upgrade`` first, then ``--backend-store-uri postgresql://...``,
+  ``--artifacts-destination s3://BUCKET/mlflow``, ``--host 127.0.0.1``) whose S3 client points at that
+  endpoint;
 - a Ray head (``ray start --head --block``) with the dashboard on 127.0.0.1, token auth on (its own
   token file, so ``~/.ray`` is untouched), the ``trial_driver`` resource of the real head, and its
   own temp dir and ports, so it never meets another Ray cluster on the same machine.
@@ -15,6 +18,9 @@ Everything is stopped by process group and by the stand-in's own temp dir, never
 
     python cluster/local_standin.py up [--dir DIR] [--num-cpus N]   # prints addresses and exports
     python cluster/local_standin.py down [--dir DIR]
+
+``restart_head`` replaces the head (Ray and the MLflow server) by a new one, as a replaced head node
+would: the runs live on in PostgreSQL and the artifacts and checkpoints in S3.
 
     from cluster.local_standin import standin
     with standin(tmp_path) as s:
@@ -67,6 +73,7 @@ class Standin:
     bucket: str
     s3_endpoint: str
     mlflow_uri: str
+    postgres_uri: str
     dashboard_url: str
     ray_address: str  # GCS address, for ray.init(address=...)
     token_path: str
@@ -180,12 +187,51 @@ def start_s3(root: Path, bucket: str = BUCKET, timeout: float = 60) -> tuple[sub
     return proc, endpoint
 
 
-def start_mlflow(root: Path, s3_endpoint: str, bucket: str = BUCKET,
+def _postgres_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not found:
+        raise StandinError(f"PostgreSQL's {name} not found (Debian: apt-get install postgresql)")
+    return str(found[-1])
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run it as the ``postgres`` system user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def start_postgres(root: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """A PostgreSQL cluster of the stand-in's own (in ``root/pg``) on 127.0.0.1, with a database ``mlflow``
+    that the user ``mlflow`` owns; local trust authentication, as befits a loopback-only stand-in."""
+    data, sockets = root / "pg", root / "pg-sockets"
+    for d in (data, sockets):
+        d.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(d, "postgres", "postgres")
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")  # it must reach its folders
+    if not (data / "PG_VERSION").exists():
+        subprocess.run(_as_postgres([_postgres_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow",
+                                     "--no-sync"]), check=True, capture_output=True, timeout=120)
+    port = free_port()
+    log = root / "postgres.log"
+    proc = _spawn(_as_postgres([_postgres_bin("postgres"), "-D", str(data), "-h", HOST, "-p", str(port),
+                                "-k", str(sockets)]), log)
+    ready = [_postgres_bin("pg_isready"), "-h", HOST, "-p", str(port), "-U", "mlflow"]
+    _wait(lambda: subprocess.run(ready, capture_output=True).returncode == 0, "postgres", timeout, proc, log)
+    subprocess.run([_postgres_bin("createdb"), "-h", HOST, "-p", str(port), "-U", "mlflow", "mlflow"],
+                   capture_output=True)  # exists already when a stand-in is started on an old folder
+    return proc, f"postgresql://mlflow@{HOST}:{port}/mlflow"
+
+
+def start_mlflow(root: Path, s3_endpoint: str, backend_uri: str, bucket: str = BUCKET,
                  timeout: float = 180) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = root / "mlflow.log"
     env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-    cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+    # The schema migrations first, as the cluster's MLflow start does (cluster/mlflow_server.py).
+    subprocess.run([_bin("mlflow"), "db", "upgrade", backend_uri], env=env, check=True, capture_output=True,
+                   timeout=300)
+    cmd = [_bin("mlflow"), "server", "--backend-store-uri", backend_uri,
            "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", HOST, "--port", str(port),
            "--workers", "1"]
     proc = _spawn(cmd, log, env)
@@ -210,7 +256,10 @@ def start_ray(root: Path, num_cpus: int = 2, trial_drivers: int = 4,
     gcs, dashboard, client, node_mgr, obj_mgr, metrics, agent_listen, agent_grpc, runtime_env = ports[:9]
     # Jobs' `python` is this interpreter (the project's venv), as on the cluster image.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` gives a sweep time to end its runs (KILLED) and save
+    # Tune's state after SIGTERM, before SIGKILL (Ray's default is 3 s).
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+           "RAY_JOB_STOP_WAIT_TIME_S": "120",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     cmd = [_bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
@@ -270,11 +319,15 @@ def _stop_group(pid: int, grace: float = 20) -> None:
 
 
 def stop(state: Standin, grace: float = 20) -> None:
-    """Stop every process of the stand-in: Ray first, then MLflow, then S3."""
-    for name in ("ray", "mlflow", "s3"):
+    """Stop every process of the stand-in: Ray first, then MLflow, PostgreSQL and S3."""
+    for name in ("ray", "mlflow", "postgres", "s3"):
         if name in state.pids:
             _stop_group(state.pids[name], grace)
-    # Ray workers and helpers that left the group: every process naming our temp dir is ours.
+    stop_ray_leftovers(state)
+
+
+def stop_ray_leftovers(state: Standin) -> None:
+    """Ray workers and helpers that left the group: every process naming our temp dir is ours."""
     if state.ray_temp_dir:
         for pid in _pids_mentioning(state.ray_temp_dir):
             with contextlib.suppress(ProcessLookupError):
@@ -287,25 +340,44 @@ def up(root: str | Path, num_cpus: int = 2, trial_drivers: int = 4, bucket: str 
     already started if a later part fails."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    state = Standin(str(root), bucket, "", "", "", "", "", "")
+    state = Standin(str(root), bucket, "", "", "", "", "", "", "")
     try:
         s3, state.s3_endpoint = start_s3(root, bucket)
         state.pids["s3"] = s3.pid
-        mlflow, state.mlflow_uri = start_mlflow(root, state.s3_endpoint, bucket)
-        state.pids["mlflow"] = mlflow.pid
-        temp_marker = root / "ray_temp_dir"
-        try:
-            ray, state.dashboard_url, state.ray_address, state.token_path, state.ray_temp_dir = start_ray(
-                root, num_cpus, trial_drivers)
-        except BaseException:
-            if temp_marker.exists():
-                state.ray_temp_dir = temp_marker.read_text()
-            raise
-        state.pids["ray"] = ray.pid
+        postgres, state.postgres_uri = start_postgres(root)
+        state.pids["postgres"] = postgres.pid
+        _start_head(state, num_cpus, trial_drivers)
     except BaseException:
         stop(state)
         raise
     (root / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    return state
+
+
+def _start_head(state: Standin, num_cpus: int, trial_drivers: int) -> None:
+    """The head's processes: the MLflow server (on the stand-in's PostgreSQL and S3) and Ray."""
+    root = Path(state.root)
+    mlflow, state.mlflow_uri = start_mlflow(root, state.s3_endpoint, state.postgres_uri, state.bucket)
+    state.pids["mlflow"] = mlflow.pid
+    temp_marker = root / "ray_temp_dir"
+    try:
+        ray, state.dashboard_url, state.ray_address, state.token_path, state.ray_temp_dir = start_ray(
+            root, num_cpus, trial_drivers)
+    except BaseException:
+        if temp_marker.exists():
+            state.ray_temp_dir = temp_marker.read_text()
+        raise
+    state.pids["ray"] = ray.pid
+
+
+def restart_head(state: Standin, num_cpus: int = 2, trial_drivers: int = 4) -> Standin:
+    """Replace the head: stop its Ray and MLflow server (their addresses change), keep PostgreSQL and S3,
+    start new ones. Returns the stand-in with its new addresses."""
+    for name in ("ray", "mlflow"):
+        _stop_group(state.pids.pop(name))
+    stop_ray_leftovers(state)
+    _start_head(state, num_cpus, trial_drivers)
+    (Path(state.root) / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     return state
 
 

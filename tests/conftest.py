@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import os
 import socket
 from pathlib import Path
@@ -36,6 +37,30 @@ def fashion_mnist_root() -> Path:
         pytest.fail(f"Fashion-MNIST not found under {FASHION_MNIST}: apt-get install dataset-fashion-mnist "
                     "(.ci/run and `make setup` do this)")
     return FASHION_MNIST
+
+
+SMALL_FASHION_MNIST = {"train": 2000, "test": 500}
+
+
+def write_idx(path: Path, array) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="session")
+def small_fashion_mnist(tmp_path_factory, fashion_mnist_root) -> Path:
+    """The first images of the real Fashion-MNIST, written back in its own idx format: what end-to-end
+    tests train and evaluate on (the full splits would make every final evaluation encode 70,000 images)."""
+    from unmix_ray.data import fashion_mnist
+
+    root = tmp_path_factory.mktemp("fmnist")
+    for split, n in SMALL_FASHION_MNIST.items():
+        data = fashion_mnist.load(fashion_mnist_root, split)
+        images, labels = fashion_mnist.FILES[split][:2]
+        write_idx(root / f"{images}.gz", data.images[:n, 0].numpy())
+        write_idx(root / f"{labels}.gz", data.labels[:n].numpy().astype("uint8"))
+    return root
 
 
 @pytest.fixture(scope="module")

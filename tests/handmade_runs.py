@@ -47,8 +47,8 @@ class HandmadeSweep:
 def log_handmade_sweep(uri: str, experiment: str = "unmix-ray", sweep_id: str = "handmade-20250101-000000",
                        epochs: int = 3) -> HandmadeSweep:
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
-        "grid.seed=[0,1,2]", "grid.prob=[0.5,0.25]", f"train.epochs={epochs}", f"experiment={experiment}",
-        "eval.knn_k=20"])
+        "grid.mixture=[none, mixup, cutmix, both]", "grid.seed=[0,1,2]", "grid.prob=[0.5,0.25]",
+        "untrained_seeds=all", f"train.epochs={epochs}", f"experiment={experiment}", "eval.knn_k=20"])
     trials = {(t.variant, t.seed): t for t in sweep.trials}
     trials[("both@0.5", 3)] = trials[("both@0.5", 0)].model_copy(update={"seed": 3})
     trials[("both@0.5", 4)] = trials[("both@0.5", 0)].model_copy(update={"seed": 4})

@@ -95,8 +95,12 @@ def test_head_has_no_gpus_and_hosts_the_drivers(aws):
 
 
 def test_head_memory_fits_the_running_trials(aws, kuberay):
+    from unmix_ray.orchestration.resources import load_head_memory
+
     trials, per_trial, services, total = head_memory_model()
     assert total == pytest.approx(trials * per_trial + services)
+    model = load_head_memory()  # the measured figures: the comment states them, it does not own them
+    assert (per_trial, services) == (model.per_trial_gib, model.base_gib)
     head = aws["available_node_types"][aws["head_node_type"]]
     # The trial_driver slots cap how many trials run at once, so they are what the head must hold.
     assert head["resources"]["trial_driver"] == trials
@@ -250,7 +254,8 @@ def test_requirements_lock_pins_every_dependency():
         assert name in pins, f"{name} missing from requirements.lock"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {req.specifier}"
     # MLflow's PostgreSQL driver (the AWS head and the Kubernetes MLflow server use postgresql://).
-    assert {"psycopg2-binary", "psycopg2"} & set(pins), "requirements.lock has no PostgreSQL driver"
+    # SQLAlchemy 2.1 takes psycopg (3) for postgresql:// URIs.
+    assert {"psycopg", "psycopg-binary"} <= set(pins), "requirements.lock has no PostgreSQL driver"
 
 
 def test_services_listen_privately_and_auth_is_on(aws):

@@ -16,15 +16,14 @@ from .conftest import ROOT
 DEMO = ROOT / "configs/sweeps/demo.yaml"
 
 
-def test_demo_sweep_composes_four_variants_and_the_untrained_reference():
+def test_demo_sweep_composes_baseline_and_unmix_over_three_seeds_and_the_untrained_reference():
     sweep = load_sweep(DEMO)
     names = [t.run_name for t in sweep.trials]
     assert names == [
         "simclr-fashion_mnist-resnet_narrow-untrained-s0",
-        "simclr-fashion_mnist-none-p0.5-s0",
-        "simclr-fashion_mnist-mixup-p0.5-s0",
-        "simclr-fashion_mnist-cutmix-p0.5-s0",
-        "simclr-fashion_mnist-both-p0.5-s0",
+        "simclr-fashion_mnist-none-p0.5-s0", "simclr-fashion_mnist-both-p0.5-s0",
+        "simclr-fashion_mnist-none-p0.5-s1", "simclr-fashion_mnist-both-p0.5-s1",
+        "simclr-fashion_mnist-none-p0.5-s2", "simclr-fashion_mnist-both-p0.5-s2",
     ]
     t = sweep.trials[-1]
     assert t.method.params["temperature"] == 0.5 and t.dataset.crop_size == 28
@@ -33,8 +32,8 @@ def test_demo_sweep_composes_four_variants_and_the_untrained_reference():
 
 
 def test_overrides_and_grid_over_probabilities():
-    sweep = load_sweep(DEMO, ["grid.prob=[0.25, 0.75]", "grid.seed=[0, 1]", "untrained_reference=false",
-                              "train.epochs=2"])
+    sweep = load_sweep(DEMO, ["grid.mixture=[none, mixup, cutmix, both]", "grid.prob=[0.25, 0.75]",
+                              "grid.seed=[0, 1]", "untrained_reference=false", "train.epochs=2"])
     variants = sorted({t.variant for t in sweep.trials})
     assert variants == ["both@0.25", "both@0.75", "cutmix", "mixup", "none"]
     assert len(sweep.trials) == 5 * 2 and all(t.train.epochs == 2 for t in sweep.trials)

@@ -77,7 +77,8 @@ def test_one_epoch_sweep_on_an_outside_loader_and_a_yaml_only_dataset(ray_local,
     from unmix_ray.orchestration.sweep import run_sweep
 
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
-        "grid.dataset=[stripes, bands]", "grid.mixture=[both]", "untrained_reference=false", "train.epochs=1",
+        "grid.dataset=[stripes, bands]", "grid.mixture=[both]", "grid.seed=[0]", "untrained_reference=false",
+        "train.epochs=1",
         "train.batch_size=32", "eval.knn_k=10", "eval.linear_epochs=2", "eval.knn_every=1",
         "tune.max_concurrent_trials=1", f"tune.storage_path={tmp_path / 'ray'}", "datasets={}",
     ], config_dir=config_dir)

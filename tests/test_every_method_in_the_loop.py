@@ -22,7 +22,8 @@ from .conftest import ROOT
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_trains_an_epoch_with_every_mixture(method, fashion_mnist_root):
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
-        f"grid.method=[{method}]", "untrained_reference=false", "train.batch_size=32"])
+        f"grid.method=[{method}]", "grid.mixture=[none, mixup, cutmix, both]", "grid.seed=[0]",
+        "untrained_reference=false", "train.batch_size=32"])
     data = fashion_mnist.load(fashion_mnist_root, "test").subset(128, 0)
     for trial in sweep.trials:
         torch.manual_seed(0)

@@ -18,14 +18,49 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.compose import load_sweep
+from unmix_ray.config import AugmentConfig, MethodConfig, MixtureConfig
 
 from .conftest import ROOT
 from .services import S3_ENV, moto_s3, s3_keys
-from .test_train_distributed import _loop
 
 EPOCHS = 4
+
+
+def _loop(config: dict) -> None:
+    """A few DDP steps from different initial weights and data per rank: parameters must end identical."""
+    import ray.train
+    import ray.train.torch
+
+    from unmix_ray.augment import BatchAugment
+    from unmix_ray.methods import build_method
+    from unmix_ray.models import NarrowResNet
+    from unmix_ray.unmix import MixtureSampler
+
+    torch.set_num_threads(1)
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(100 + rank)  # different initial weights per rank: DDP must broadcast rank 0's
+    method = build_method(MethodConfig(**config["method"]), NarrowResNet(1, width=8))
+    initial = torch.cat([p.detach().flatten().clone() for p in method.parameters()])
+    model = ray.train.torch.prepare_model(method)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)
+    augment = BatchAugment(AugmentConfig(jitter=(0.4, 0.4, 0, 0), gray_p=0), 16, (0.5,), (0.25,), g)
+    mixer = MixtureSampler(MixtureConfig(type="both"), seed=rank)  # each rank mixes its own batch, its own draw
+    for _ in range(config["steps"]):
+        x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8, generator=g)  # different data per rank
+        x0, x1 = augment(x), augment(x)
+        out = model(x0, x1, mixer(x0))
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+    final = torch.cat([p.detach().flatten() for p in method.parameters()])
+    torch.save({"initial": initial, "final": final}, f"{config['out']}/rank{rank}.pt")
+    ray.train.report({"loss": out.total.item()})
+
+
 SMALL = [
-    "grid.mixture=[both]", "untrained_reference=false", f"train.epochs={EPOCHS}", "train.batch_size=64",
+    "grid.mixture=[both]", "grid.seed=[0]", "untrained_reference=false", f"train.epochs={EPOCHS}",
+    "train.batch_size=64",
     "train.num_workers=2", "train.torch_threads=1", "train.max_failures=3", "train.checkpoint_every=1",
     "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=300",
     "eval.linear_epochs=1", "eval.knn_k=20", "eval.knn_every=0",
@@ -116,11 +151,13 @@ def test_parameters_identical_across_nodes(two_nodes, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_a_worker_resumes_from_s3_checkpoint_into_the_same_run(two_nodes, tmp_path, fashion_mnist_root):
+def test_sigkill_a_worker_resumes_from_s3_checkpoint_into_the_same_run(two_nodes, tmp_path,
+                                                                      small_fashion_mnist):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with moto_s3(tmp_path, "ckpt") as endpoint:
         sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [
-            "tune.storage_path=s3://ckpt/runs", f"tune.storage_endpoint_url={endpoint}"])
+            f"datasets.fashion_mnist.root={small_fashion_mnist}", "tune.storage_path=s3://ckpt/runs",
+            f"tune.storage_endpoint_url={endpoint}"])
         name = sweep.trials[0].run_name
         thread, box = run_in_thread(sweep, uri)
         wait_for(lambda: len(epochs_logged(uri, name)) >= 2 or not thread.is_alive(), 600, "epoch 2")
@@ -139,10 +176,11 @@ def test_sigkill_a_worker_resumes_from_s3_checkpoint_into_the_same_run(two_nodes
 
 
 @pytest.mark.slow
-def test_losing_a_worker_node_resumes_into_the_same_run(two_nodes, tmp_path, fashion_mnist_root):
+def test_losing_a_worker_node_resumes_into_the_same_run(two_nodes, tmp_path, small_fashion_mnist):
     cluster, worker = two_nodes
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [f"tune.storage_path={tmp_path / 'ray'}"])
+    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [
+        f"tune.storage_path={tmp_path / 'ray'}", f"datasets.fashion_mnist.root={small_fashion_mnist}"])
     name = sweep.trials[0].run_name
     thread, box = run_in_thread(sweep, uri)
     wait_for(lambda: len(epochs_logged(uri, name)) >= 2 or not thread.is_alive(), 600, "epoch 2")
@@ -155,11 +193,11 @@ def test_losing_a_worker_node_resumes_into_the_same_run(two_nodes, tmp_path, fas
 
 
 @pytest.mark.slow
-def test_killed_sweep_driver_resumes_every_trial_exactly_once(tmp_path, fashion_mnist_root):
+def test_killed_sweep_driver_resumes_every_trial_exactly_once(tmp_path, small_fashion_mnist):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [sys.executable, str(ROOT / "jobs/sweep.py"), "--config", str(ROOT / "configs/sweeps/demo.yaml")]
     for item in [*SMALL, "grid.mixture=[none, both]", "train.num_workers=1", "tune.max_concurrent_trials=1",
-                 f"tune.storage_path={tmp_path / 'ray'}"]:
+                 f"tune.storage_path={tmp_path / 'ray'}", f"datasets.fashion_mnist.root={small_fashion_mnist}"]:
         args += ["--set", item]
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
     with open(tmp_path / "driver1.log", "w") as log:
@@ -172,10 +210,9 @@ def test_killed_sweep_driver_resumes_every_trial_exactly_once(tmp_path, fashion_
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, as when its machine dies
         driver.wait()
-    sweep_id = next(line.split()[1].rstrip(":") for line in (tmp_path / "driver1.log").read_text().splitlines()
-                    if line.startswith("Sweep "))
-    resumed = subprocess.run(args + ["--resume", sweep_id], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=1200)
+    # Resumed by the sweep's name, with no config: the newest instance of "demo", its config from MLflow.
+    resumed = subprocess.run([sys.executable, str(ROOT / "jobs/sweep.py"), "--resume", "demo"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=1200)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     for name in (first, second):
         assert_one_complete_run(uri, name)

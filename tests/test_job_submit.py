@@ -1,11 +1,13 @@
-"""`ray job submit` of the demo sweep against the local stand-in of the cluster: a Ray head, an MLflow
-tracking server with artifacts in S3, and an S3 API (moto), all on loopback."""
+"""The cluster path end to end on the local stand-in (Ray head with token auth, MLflow on PostgreSQL,
+S3 on loopback): a sweep submitted with `ray job submit`, stopped with `ray job stop`, the head replaced,
+the sweep resumed by its id with no config; a wrong id fails with status 2 and writes nothing."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,53 +19,94 @@ from .conftest import ROOT
 from .services import s3_keys
 from .test_standin import listening_addresses, port_of
 
-SMALL = ["grid.mixture=[none, cutmix]", "train.epochs=2", "train.batch_size=64", "train.torch_threads=1",
-         "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=500",
-         "eval.linear_epochs=2", "eval.knn_k=20", "tune.max_concurrent_trials=2"]
+SMALL = ["grid.mixture=[none, both]", "grid.seed=[0]", "untrained_reference=false", "train.epochs=2",
+         "train.batch_size=64", "train.torch_threads=1", "eval.linear_epochs=2", "eval.knn_k=20",
+         "tune.max_concurrent_trials=1", "tune.system_metrics_s=0"]
+FIRST, SECOND = "simclr-fashion_mnist-none-p0.5-s0", "simclr-fashion_mnist-both-p0.5-s0"
+
+
+def submit(s, env_vars: dict, args: list[str], wait: bool = True) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", s.dashboard_url,
+           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars})]
+    cmd += ([] if wait else ["--no-wait"]) + ["--", "python", "jobs/sweep.py", *args]
+    return subprocess.run(cmd, env=s.env, capture_output=True, text=True, timeout=1500)
+
+
+def runs(uri: str) -> dict[str, object]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("unmix-ray")
+    found = client.search_runs([exp.experiment_id]) if exp else []
+    return {r.info.run_name: r for r in found}
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(3)
 
 
 @pytest.mark.slow
-def test_job_submit_runs_the_demo_sweep_into_the_tracking_server(tmp_path, fashion_mnist_root):
-    from cluster.local_standin import S3_ENV, _alive, _http_status, _pids_mentioning, standin
+def test_a_submitted_sweep_survives_a_stop_and_a_new_head(tmp_path, small_fashion_mnist):
+    from cluster.local_standin import S3_ENV, _alive, _http_status, _pids_mentioning, restart_head, standin
 
     with standin(tmp_path / "standin") as s:
         for url in (s.dashboard_url, s.mlflow_uri, s.s3_endpoint):  # nothing listens beyond loopback
             assert listening_addresses(port_of(url)) == {"127.0.0.1"}, url
         assert _http_status(s.dashboard_url + "/api/version") == 401  # token auth is on
+        assert s.postgres_uri.startswith("postgresql://")
         env_vars = {"MLFLOW_TRACKING_URI": s.mlflow_uri, "AWS_ENDPOINT_URL_S3": s.s3_endpoint, **S3_ENV}
-        sets = SMALL + [f"tune.storage_path=s3://{s.bucket}/checkpoints"]
-        cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", s.dashboard_url,
-               "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
-               "python", "jobs/sweep.py", "--config", "configs/sweeps/demo.yaml"]
-        for item in sets:
-            cmd += ["--set", item]
-        job = subprocess.run(cmd, env=s.env, capture_output=True, text=True, timeout=1500)
-        logs = job.stdout + job.stderr
-        (tmp_path / "job.log").write_text(logs)
-        assert job.returncode == 0, logs[-4000:]
-        assert "succeeded" in logs
-        assert "| fashion_mnist | simclr | resnet_narrow | cutmix |" in logs  # the table, printed by the job
+        sets = [*SMALL, f"tune.storage_path=s3://{s.bucket}/checkpoints",
+                f"datasets.fashion_mnist.root={small_fashion_mnist}"]
+        job = submit(s, env_vars, ["--config", "configs/sweeps/demo.yaml"] + [a for x in sets for a in ("--set", x)],
+                     wait=False)
+        assert job.returncode == 0, job.stdout + job.stderr
+        job_id = next(w for line in job.stdout.splitlines() for w in line.split() if w.startswith("raysubmit_"))
 
-        client = MlflowClient(s.mlflow_uri)
-        exp = client.get_experiment_by_name("unmix-ray")
-        runs = client.search_runs([exp.experiment_id])
-        trials = [r for r in runs if r.data.tags.get("unmix.role") == "trial"]
-        (sweep_run,) = [r for r in runs if r.data.tags.get("unmix.role") == "sweep"]
-        assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
-        assert sweep_run.info.status == "FINISHED"
-        results = {a.path for a in client.list_artifacts(sweep_run.info.run_id, "results")}
-        assert "results/results_table.md" in results
-        table = client.download_artifacts(sweep_run.info.run_id, "results/results_table.md", str(tmp_path))
-        assert "cutmix" in Path(table).read_text()
+        # 1. Stopped while its second trial runs: the finished trial stays FINISHED, the rest is KILLED.
+        wait_for(lambda: getattr(runs(s.mlflow_uri).get(FIRST), "info", None) is not None
+                 and runs(s.mlflow_uri)[FIRST].info.status == "FINISHED" and SECOND in runs(s.mlflow_uri), 900,
+                 "the first trial finished and the second started")
+        stop = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", "--address",
+                               s.dashboard_url, job_id], env=s.env, capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        before = runs(s.mlflow_uri)
+        sweep_run = next(r for r in before.values() if r.data.tags.get("unmix.role") == "sweep")
+        sweep_id = sweep_run.data.tags["unmix.sweep_id"]
+        assert {n: r.info.status for n, r in before.items()} == {FIRST: "FINISHED", SECOND: "KILLED",
+                                                                 sweep_id: "KILLED"}
+
+        # 2. A new head (new Ray, new MLflow server; the same PostgreSQL and S3): every run is still there.
+        restart_head(s)
+        env_vars["MLFLOW_TRACKING_URI"] = s.mlflow_uri
+        assert {n: r.info.status for n, r in runs(s.mlflow_uri).items()} == {
+            n: r.info.status for n, r in before.items()}
+
+        # 3. Resumed by its id, without a config: the killed trial resumes, nothing runs twice.
+        resumed = submit(s, env_vars, ["--resume", sweep_id])
+        logs = resumed.stdout + resumed.stderr
+        (tmp_path / "resume.log").write_text(logs)
+        assert resumed.returncode == 0 and "succeeded" in logs, logs[-4000:]
+        assert "| fashion_mnist | simclr | resnet_narrow | both@0.5 |" in logs  # the table, printed by the job
+        after = runs(s.mlflow_uri)
+        assert {n: r.info.status for n, r in after.items()} == {FIRST: "FINISHED", SECOND: "FINISHED",
+                                                                sweep_id: "FINISHED"}
+        assert after[FIRST].info.run_id == before[FIRST].info.run_id
+        assert after[SECOND].info.run_id == before[SECOND].info.run_id  # the same run, continued
+
+        # 4. A sweep that does not exist: status 2, a message, and nothing written.
+        wrong = submit(s, env_vars, ["--resume", "no-such-sweep"])
+        assert wrong.returncode != 0 and "no sweep named or with id 'no-such-sweep'" in wrong.stdout + wrong.stderr
+        assert runs(s.mlflow_uri).keys() == after.keys()
 
         keys = s3_keys(s.s3_endpoint, s.bucket)
         assert any(k.startswith("checkpoints/") and "epoch=0002" in k for k in keys), keys[:20]
         assert any(k.startswith("mlflow/") for k in keys)  # artifacts went through the server to S3
-        for r in trials:  # the untrained reference keeps its initial weights too
-            assert r.data.tags["unmix.checkpoint"].startswith(f"s3://{s.bucket}/checkpoints/")
-
-        # No credential-looking value in any param, tag or the job's logs.
-        for r in runs:
+        client = MlflowClient(s.mlflow_uri)
+        assert "results/results_table.md" in {a.path for a in client.list_artifacts(after[sweep_id].info.run_id,
+                                                                                      "results")}
+        for r in after.values():  # no credential-looking value in any param or tag, nor in the job's logs
             for key, value in {**r.data.params, **r.data.tags}.items():
                 assert not is_secret_like(value), (key, value)
         assert not [line for line in logs.splitlines() if is_secret_like(line)]

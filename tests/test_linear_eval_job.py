@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.compose import load_sweep
-from unmix_ray.data import fashion_mnist
 from unmix_ray.methods import build_method
 from unmix_ray.models import build_backbone
 from unmix_ray.orchestration import tracking
@@ -19,33 +17,14 @@ from unmix_ray.orchestration import tracking
 from .conftest import ROOT
 from .test_report import load_job
 
-SMALL = {"train": 400, "test": 200}
-
-
-def write_idx(path, array) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-@pytest.fixture(scope="module")
-def small_fashion_mnist(tmp_path_factory, fashion_mnist_root):
-    """The first images of the real Fashion-MNIST, written back in its own idx format."""
-    root = tmp_path_factory.mktemp("fmnist")
-    for split, n in SMALL.items():
-        data = fashion_mnist.load(fashion_mnist_root, split)
-        images, labels = fashion_mnist.FILES[split][:2]
-        write_idx(root / f"{images}.gz", data.images[:n, 0].numpy())
-        write_idx(root / f"{labels}.gz", data.labels[:n].numpy().astype("uint8"))
-    return root
-
 
 @pytest.fixture
 def finished_run(tmp_path, small_fashion_mnist):
     """A trial run as the sweep leaves it: FINISHED, tagged with its checkpoint (a state.pt folder)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
-        f"datasets.fashion_mnist.root={small_fashion_mnist}", "train.epochs=2", "eval.knn_k=10",
+        f"datasets.fashion_mnist.root={small_fashion_mnist}", "grid.mixture=[cutmix]", "train.epochs=2",
+        "eval.knn_k=10",
         "eval.linear_epochs=3", "eval.paper_epochs=2", "eval.feature_batch_size=128"])
     trial = next(t for t in sweep.trials if t.variant == "cutmix")
     client = MlflowClient(uri)

@@ -194,7 +194,7 @@ def compose_sweep(data: dict[str, Any], config_dir: Path = CONFIG_DIR, source: s
     for dname, mname, seed in itertools.product(dnames, mnames, sweep.grid.seed):
         (dataset, method), train = cells[dname, mname], trains[dname, mname]
         common = dict(sweep=sweep.name, seed=seed, dataset=dataset, method=method, train=train, eval=evaluation)
-        if sweep.untrained_reference:
+        if sweep.untrained_reference and (sweep.untrained_seeds == "all" or seed == sweep.grid.seed[0]):
             trials.append(TrialConfig(mixture=MixtureConfig(beta=sweep.mixture_beta),
                                       **(common | {"train": train.model_copy(update={"epochs": 0})})))
         for mtype in sweep.grid.mixture:

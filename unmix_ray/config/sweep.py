@@ -52,6 +52,8 @@ class TuneSettings(Model):
     # How long a trial waits for its workers to be placed (an autoscaling cluster brings nodes up meanwhile)
     # before it fails with a message naming what it waits for; the data check on a node waits as long.
     placement_timeout_s: float = Field(1800.0, gt=0.0)
+    log_encoder: bool = True  # each finished trial's encoder as an MLflow model of its run
+    system_metrics_s: float = Field(30.0, ge=0.0)  # seconds between system-metric samples of a trial (0: off)
 
 
 class SweepConfig(Model):
@@ -60,6 +62,8 @@ class SweepConfig(Model):
     experiment: str = "unmix-ray"
     mixture_beta: float = Field(1.0, gt=0.0)
     untrained_reference: bool = True
+    # The untrained encoder of every seed, or of the first only (a reference, not a compared variant).
+    untrained_seeds: Literal["all", "first"] = "all"
     train: dict[str, Any] = Field(default_factory=dict)
     # Per-recipe changes to ``train``, keyed by a method name, a dataset name or "dataset/method";
     # merged in that order (the most specific wins). See ``unmix_ray.compose.trial_train``.

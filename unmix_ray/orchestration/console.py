@@ -41,7 +41,7 @@ class ConsoleReporter(tune.Callback):
 
     def _ended(self, trial: Any, outcome: str, trials: list) -> None:
         self.ended[outcome] += 1
-        running = sum(t.status == "RUNNING" for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials if t is not trial)  # Tune has not updated it yet
         done = ", ".join(f"{n} {k}" for k, n in sorted(self.ended.items()))
         self._print(f"{trial.config['run']}: {outcome}   [{done}; {running} running, "
                     f"{self.total - sum(self.ended.values()) - running} waiting]")

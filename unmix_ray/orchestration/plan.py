@@ -19,7 +19,15 @@ from typing import Any
 
 from unmix_ray.compose import load_sweep
 from unmix_ray.config import Sweep, TrialConfig
-from unmix_ray.orchestration.resources import ClusterSpec, fmt_resources, load_cluster, sweep_max_concurrent
+from unmix_ray.orchestration.resources import (
+    ClusterSpec,
+    HeadMemory,
+    fmt_resources,
+    head_limited,
+    load_cluster,
+    load_head_memory,
+    sweep_max_concurrent,
+)
 from unmix_ray.orchestration.throughput import ThroughputTable, load_throughput
 
 CLUSTER_DIR = Path(__file__).resolve().parents[2] / "cluster"
@@ -67,6 +75,7 @@ class Plan:
     cluster: ClusterSpec | None = None
     max_concurrent: int | None = None
     concurrency_note: str = ""
+    head_memory: HeadMemory | None = None  # the model behind head_memory_needed
     wall_hours: float | None = None
 
     @property
@@ -163,9 +172,10 @@ def plan_sweep(sweep: Sweep, table: ThroughputTable | None = None,
     else:
         spec = load_cluster(cluster, table)
     max_conc, note, wall = None, "", None
+    head = load_head_memory()
     if spec is not None:
         try:
-            max_conc = sweep_max_concurrent(spec.nodes, sweep)
+            max_conc = head_limited(sweep_max_concurrent(spec.nodes, sweep), spec, head)
         except ValueError as e:
             max_conc, note = 0, str(e)
         if by_type and spec.gpus_by_type:
@@ -175,7 +185,7 @@ def plan_sweep(sweep: Sweep, table: ThroughputTable | None = None,
             else:
                 wall = max(h / spec.gpus_by_type[g] for g, h in by_type.items())
     return Plan(sweep.name, trials, dict(by_type), cost, len(used) - measured, measured, spec, max_conc, note,
-                wall)
+                head_memory=head, wall_hours=wall)
 
 
 def _num(x: float | None, digits: int = 1) -> str:
@@ -224,6 +234,12 @@ def format_plan(plan: Plan) -> str:
         out.append(f"Cluster {c.name} at full scale: {len(c.nodes)} nodes, {fmt_resources(c.total)}"
                    + (f" ({gpus})" if gpus else ""))
         out.append(f"  max concurrent trials: {plan.max_concurrent}")
+        if plan.head_memory is not None and plan.max_concurrent:
+            h = plan.head_memory
+            have = f" of the head's {c.head_memory_gib:g} GiB" if c.head_memory_gib else " (the head's is not stated)"
+            out.append(f"  head memory needed: {plan.max_concurrent} running trials x {h.per_trial_gib:g} GiB + "
+                       f"{h.base_gib:g} GiB = {h.needed_gib(plan.max_concurrent):.1f} GiB{have} "
+                       f"({'measured' if h.measured else 'estimated'}: configs/head_memory.yaml)")
         if plan.wall_hours is not None:
             out.append(f"  ideal wall-clock at full scale (perfect packing): {_num(plan.wall_hours, 0)} "
                        f"hours ({_num(plan.wall_hours / 24)} days)")

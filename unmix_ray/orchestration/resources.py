@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -13,11 +14,54 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
 
-from unmix_ray.config import Sweep, TrialConfig, TuneSettings
+from unmix_ray.config import CONFIG_DIR, Model, Sweep, TrialConfig, TuneSettings, build
 from unmix_ray.orchestration.throughput import ThroughputTable, load_throughput
 
 RAY_BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # the launcher config, on a launched head
+HEAD_MEMORY_PATH = CONFIG_DIR / "head_memory.yaml"
+
+
+class HeadMemory(Model):
+    """What a sweep needs on the head: ``per_trial_gib`` for each running trial (its Tune driver, Ray
+    Train's controller and placement-group cleaner) and ``base_gib`` besides (configs/head_memory.yaml)."""
+
+    per_trial_gib: float = Field(gt=0)
+    base_gib: float = Field(ge=0)
+    measured: bool = False
+    command: str = ""
+    usable_fraction: float = Field(0.9, gt=0, le=1)
+    instances: dict[str, float] = Field(default_factory=dict)
+
+    def needed_gib(self, trials: int) -> float:
+        return trials * self.per_trial_gib + self.base_gib
+
+    def capacity(self, head_gib: float) -> int:
+        """Trials a head of ``head_gib`` holds at once."""
+        return max(0, math.floor((self.usable_fraction * head_gib - self.base_gib) / self.per_trial_gib + 1e-9))
+
+
+def head_limited(max_concurrent: int, spec: ClusterSpec, head: HeadMemory | None = None) -> int:
+    """``max_concurrent`` capped to what the cluster's head holds, where the cluster states its memory."""
+    if spec.head_memory_gib is None:
+        return max_concurrent
+    return min(max_concurrent, (head or load_head_memory()).capacity(spec.head_memory_gib))
+
+
+def load_head_memory(path: str | Path = HEAD_MEMORY_PATH) -> HeadMemory:
+    with open(path) as f:
+        return build(HeadMemory, yaml.safe_load(f), str(path))
+
+
+def _gib(quantity: Any) -> float | None:
+    """A Kubernetes memory quantity (e.g. ``56Gi``) in GiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?", str(quantity).strip())
+    if not m:
+        return None
+    scale = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, "K": 1e3 / 2**30, "M": 1e6 / 2**30,
+             "G": 1e9 / 2**30, "T": 1e12 / 2**30}
+    return float(m.group(1)) * (scale[m.group(2)] if m.group(2) else 2**-30)
 
 
 
@@ -128,9 +172,9 @@ def sweep_placements(nodes: list[dict[str, float]], sweep: Sweep,
 
 def sweep_max_concurrent(cluster_resources: dict[str, float] | list[dict[str, float]], sweep: Sweep,
                          placements: dict[str, Placement] | None = None) -> int:
-    """``max_concurrent_trials`` for a whole sweep: what its cheapest trial allows (bigger trials
-    then wait for their GPUs inside Train). Raises ValueError naming the trials that can never start
-    and what they need."""
+    """``max_concurrent_trials`` for a whole sweep: for each GPU kind, what its cheapest trial allows
+    (bigger trials then wait for their GPUs inside Train), summed over the kinds, and no more than the
+    trials' drivers allow. Raises ValueError naming the trials that can never start and what they need."""
     nodes = _as_nodes(cluster_resources)
     placements = placements or sweep_placements(nodes, sweep)
     driver = driver_resources(sweep.config.tune)
@@ -148,7 +192,17 @@ def sweep_max_concurrent(cluster_resources: dict[str, float] | list[dict[str, fl
             f"{len(never)} of {len(sweep.trials)} trial(s) can never start on this cluster, e.g. {never[0]} "
             f"needs {workers} (and {fmt_resources(driver) if any(driver.values()) else 'no resources'} for its "
             f"driver); the cluster has at most {fmt_resources(_pooled(nodes))}")
-    return max(counts.values()) if counts else 0
+    if not counts:
+        return 0
+    by_kind: dict[str | None, int] = defaultdict(int)  # GPU kinds are disjoint pools of nodes
+    for name, n in counts.items():
+        kind = placements[name].accelerator_type
+        by_kind[kind] = max(by_kind[kind], n)
+    total = sum(by_kind.values()) if None not in by_kind else max(counts.values())
+    need = {k: v for k, v in driver.items() if v > 0}
+    pooled = _pooled(nodes)
+    drivers = min((_fits(pooled.get(k, 0.0), v) for k, v in need.items()), default=total)
+    return min(total, drivers)
 
 
 def _pooled(cluster_resources: dict[str, float] | list[dict[str, float]]) -> dict[str, float]:
@@ -170,6 +224,7 @@ class ClusterSpec:
     name: str
     nodes: list[dict[str, float]]
     gpus_by_type: dict[str, int] = field(default_factory=dict)
+    head_memory_gib: float | None = None  # where the file says (launcher: its instance type; KubeRay: the pod)
 
     @property
     def total(self) -> dict[str, float]:
@@ -206,7 +261,9 @@ class ClusterSpec:
             gpu = table.gpu_for_instance(spec.get("node_config", {}).get("InstanceType", ""))
             if gpu and resources.get("GPU") and count:
                 gpus[gpu] += int(resources["GPU"]) * count
-        return cls(name or config.get("cluster_name", "cluster"), nodes, dict(gpus))
+        instance = types[head].get("node_config", {}).get("InstanceType", "")
+        return cls(name or config.get("cluster_name", "cluster"), nodes, dict(gpus),
+                   load_head_memory().instances.get(instance))
 
 
     @classmethod
@@ -227,7 +284,9 @@ class ClusterSpec:
                 gpu = next((g.name for g in table.gpus if g.name.upper() == kind), None)
                 if gpu and resources.get("GPU") and count:
                     gpus[gpu] += int(resources["GPU"]) * count
-        return cls(name, nodes, dict(gpus))
+        requests = spec["headGroupSpec"]["template"]["spec"]["containers"][0].get("resources", {})
+        memory = requests.get("limits", {}).get("memory") or requests.get("requests", {}).get("memory")
+        return cls(name, nodes, dict(gpus), _gib(memory) if memory else None)
 
 
 def _pod_resources(group: dict[str, Any]) -> dict[str, float]:

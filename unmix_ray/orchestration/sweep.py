@@ -36,6 +36,7 @@ from unmix_ray.orchestration.preflight import check_remote_data
 from unmix_ray.orchestration.render import log_results
 from unmix_ray.orchestration.resources import (
     driver_resources,
+    head_limited,
     runtime_cluster,
     sweep_max_concurrent,
     sweep_placements,
@@ -142,7 +143,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, sweep_id: str | Non
     spec = runtime_cluster(ray.cluster_resources(), cluster)
     placements = sweep_placements(spec.nodes, sweep)
     try:
-        feasible = sweep_max_concurrent(spec.nodes, sweep, placements)
+        feasible = head_limited(sweep_max_concurrent(spec.nodes, sweep, placements), spec)
     except ValueError as e:
         raise SweepError(f"{e} ({spec.name}); nothing was started") from None
     max_concurrent = min(settings.max_concurrent_trials or feasible, feasible)
@@ -181,7 +182,8 @@ def _fit(sweep: Sweep, ctx: SweepContext, placements: dict, max_concurrent: int,
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, trials={t.run_name: t.to_dict() for t in sweep.trials},
                              placements={name: p.__dict__ for name, p in placements.items()},
-                             placement_timeout_s=settings.placement_timeout_s),
+                             placement_timeout_s=settings.placement_timeout_s, log_encoder=settings.log_encoder,
+                             system_metrics_s=settings.system_metrics_s),
         driver_slot(settings))
     if settings.asha is not None:
         # Untrained references and epochs between kNN monitors report no monitor metric: let those

@@ -9,6 +9,8 @@ make them readable in the UI.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -16,17 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Param, Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.config import TrialConfig
-from unmix_ray.redact import safe_params
+from unmix_ray.redact import redact, safe_params
 
 log = logging.getLogger(__name__)
 
 TAG_ROLE, TAG_SWEEP, TAG_SWEEP_ID, TAG_TRIAL = "unmix.role", "unmix.sweep", "unmix.sweep_id", "unmix.trial"
 TAG_CHECKPOINT = "unmix.checkpoint"  # the final Ray Train checkpoint (path or s3:// URI)
 SWEEP_CONFIG = "sweep/config.yaml"  # the sweep's composed YAML, on its run
+TAG_MODEL = "unmix.model"  # the model URI of the trial's pretrained encoder
 PARENT = "mlflow.parentRunId"
 
 
@@ -183,7 +186,47 @@ def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep
     params = [Param(k, str(v)[:6000]) for k, v in safe_params(flatten(trial.to_dict())).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i:i + 100])
+    client.log_inputs(run.info.run_id, datasets=[dataset_input(trial)])
     return run.info.run_id
+
+
+def dataset_input(trial: TrialConfig) -> DatasetInput:
+    """The trial's pretraining data as an MLflow dataset input (the UI's Dataset column): its name,
+    where it comes from, the splits and subset read, and a digest of all of that."""
+    ds = trial.dataset
+    source = redact(ds.source or ds.root)
+    read = {"splits": list(ds.pretrain_splits), "train_subset": ds.train_subset, "loader": ds.loader_module,
+            "image_size": ds.image_size, "channels": ds.channels, "num_classes": ds.num_classes}
+    digest = hashlib.sha256(json.dumps([source, read], sort_keys=True).encode()).hexdigest()[:8]
+    dataset = Dataset(name=ds.name, digest=digest, source_type="s3" if source.startswith("s3://") else "local",
+                      source=json.dumps({"uri": source}), profile=json.dumps(read))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "pretraining")])
+
+
+def log_encoder(uri: str, run_id: str, checkpoint_location: str, endpoint_url: str | None = None) -> str:
+    """The trial's pretrained encoder (the backbone of its final checkpoint) as the MLflow model
+    ``encoder`` of its run, loadable with ``mlflow.pytorch.load_model`` and registrable from the UI;
+    the project's code travels with it. Returns the model URI."""
+    import mlflow.pytorch
+    import torch
+
+    import unmix_ray
+    from unmix_ray import checkpoint
+    from unmix_ray.evaluation import method_from_checkpoint
+
+    state = checkpoint.read(checkpoint_location, endpoint_url)
+    trial = TrialConfig.from_dict(state["trial"])
+    encoder = method_from_checkpoint(state, trial, torch.device("cpu")).backbone.eval()
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.pytorch.log_model(
+        # Pickled with the project's code beside it: a traced graph would fix the batch size it was traced at.
+        encoder, name="encoder", run_id=run_id, serialization_format="pickle",
+        code_paths=[str(Path(unmix_ray.__file__).parent)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        metadata={"epoch": int(state["epoch"]), "dataset": trial.dataset.name, "backbone": trial.train.backbone,
+                  "input": f"normalised float [N, {trial.dataset.channels}, {trial.dataset.crop_size}, "
+                           f"{trial.dataset.crop_size}] (dataset mean/std); output: features [N, D]"})
+    return info.model_uri
 
 
 def results_run(client: MlflowClient, experiment_id: str, experiment: str) -> str:

@@ -5,6 +5,7 @@ ends a trial's run from the driver side when the trial itself could not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -19,6 +20,7 @@ from unmix_ray.config import TrialConfig
 from unmix_ray.orchestration import tracking
 from unmix_ray.orchestration.resources import Placement
 from unmix_ray.orchestration.results import TABLE_METRICS
+from unmix_ray.redact import redact
 from unmix_ray.storage import arrow_filesystem
 from unmix_ray.train.loop import train_loop_per_worker
 
@@ -62,11 +64,19 @@ def wait_for_room(placement: Placement, num_workers: int, timeout_s: float, run_
         remove_placement_group(pg)
 
 
+def scaling_config(trial: TrialConfig, placement: Placement) -> ScalingConfig:
+    """Where and how many Ray Train workers the trial gets: its planned placement."""
+    return ScalingConfig(num_workers=trial.train.num_workers, use_gpu=trial.train.use_gpu,
+                         resources_per_worker=placement.resources_per_worker,
+                         accelerator_type=placement.accelerator_type, placement_strategy=placement.strategy)
+
+
 def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placements: dict[str, dict[str, Any]],
-              placement_timeout_s: float) -> None:
+              placement_timeout_s: float, log_encoder: bool = True, system_metrics_s: float = 0.0) -> None:
     """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run.
     ``trials`` (every trial's config, by name) and ``placements`` (where its workers go) are put in
-    Ray's object store once, not in each config."""
+    Ray's object store once, not in each config. A finished pretraining's encoder is logged as the
+    run's MLflow model (``log_encoder``)."""
     trial_dict = trials[config["run"]]
     trial = TrialConfig.from_dict(trial_dict)
     ctx = SweepContext(**config["context"])
@@ -78,16 +88,13 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placeme
         wait_for_room(placement, tc.num_workers, placement_timeout_s, trial.run_name)
     except TrialUnplaceable as e:
         client.set_tag(run_id, "unmix.error", str(e))
-        client.set_terminated(run_id, status="FAILED")
         raise
     storage_path, storage_fs = ctx.storage()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": trial_dict, "run_id": run_id, "tracking_uri": ctx.tracking_uri},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=placement.resources_per_worker,
-                                     accelerator_type=placement.accelerator_type,
-                                     placement_strategy=placement.strategy),
+        train_loop_config={"trial": trial_dict, "run_id": run_id, "tracking_uri": ctx.tracking_uri,
+                           "system_metrics_s": system_metrics_s},
+        scaling_config=scaling_config(trial, placement),
         run_config=RunConfig(
             name=f"{ctx.sweep_id}--{trial.run_name}",
             storage_path=storage_path,
@@ -97,21 +104,33 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placeme
             callbacks=[TuneReportCallback()],
         ),
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+    # A failure (or Tune's stop) ends the run from the driver side, in MlflowTrialStatus: an exception
+    # here can also be the stop itself arriving, which must not be recorded as a failure.
+    result = trainer.fit()
     if result.checkpoint is not None:
         scheme = "s3://" if ctx.storage_path.startswith("s3://") else ""
-        client.set_tag(run_id, tracking.TAG_CHECKPOINT, scheme + result.checkpoint.path)
+        location = scheme + result.checkpoint.path
+        client.set_tag(run_id, tracking.TAG_CHECKPOINT, location)
+        if log_encoder and tc.epochs:
+            client.set_tag(run_id, tracking.TAG_MODEL, tracking.log_encoder(
+                ctx.tracking_uri, run_id, location, ctx.storage_endpoint_url))
     client.set_terminated(run_id, status="FINISHED")
+
+
+def _error_text(trial: Any) -> str:
+    """The last line of the trial's error as Tune recorded it (the exception and its message)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()] if path else []
+    except OSError:
+        lines = []
+    return redact(lines[-1][:2000]) if lines else "the trial failed (see its Tune log)"
 
 
 class MlflowTrialStatus(tune.Callback):
     """Ends a trial's MLflow run from the driver side, where Tune's word is final: a trial that errored is
-    FAILED; one that Tune stopped (a scheduler's early stop) is KILLED, also when the trial's own code,
-    interrupted, had already marked it FAILED."""
+    FAILED (with its error as the tag ``unmix.error``); one that Tune stopped (a scheduler's early stop)
+    is KILLED. A trial only ever marks its own run FINISHED."""
 
     def __init__(self, uri: str, experiment_id: str, sweep_id: str):
         self.uri, self.experiment_id, self.sweep_id = uri, experiment_id, sweep_id
@@ -121,10 +140,13 @@ class MlflowTrialStatus(tune.Callback):
         runs = tracking.find_runs(client, self.experiment_id,
                                   **{tracking.TAG_SWEEP_ID: self.sweep_id, tracking.TAG_TRIAL: trial.config["run"]})
         for run in runs:
-            if run.info.status == "RUNNING" or (status == "KILLED" and run.info.status == "FAILED"):
-                # Stopped at its last report, after its final evaluation: it finished, nothing was cut.
-                done = status == "KILLED" and any(m in run.data.metrics for m in TABLE_METRICS[1:])
-                client.set_terminated(run.info.run_id, status="FINISHED" if done else status)
+            if run.info.status != "RUNNING":
+                continue
+            if status == "FAILED" and "unmix.error" not in run.data.tags:
+                client.set_tag(run.info.run_id, "unmix.error", _error_text(trial))
+            # Stopped at its last report, after its final evaluation: it finished, nothing was cut.
+            done = status == "KILLED" and any(m in run.data.metrics for m in TABLE_METRICS[1:])
+            client.set_terminated(run.info.run_id, status="FINISHED" if done else status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED")

@@ -61,3 +61,19 @@ class RunLogger:
                 if time.monotonic() + backoff_s > deadline:
                     return False
                 time.sleep(backoff_s)
+
+
+class SystemMetrics:
+    """MLflow's system metrics (CPU, memory, disk, network, and GPU where present) of this worker's node,
+    sampled every ``interval_s`` seconds into the run as ``system/*``: whether a trial is input-bound
+    shows there. Resumes its step count when a restarted worker starts it again."""
+
+    def __init__(self, uri: str, run_id: str, interval_s: float):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                            tracking_uri=uri)
+        self.monitor.start()
+
+    def stop(self) -> None:
+        self.monitor.finish()

@@ -25,18 +25,28 @@ from unmix_ray.data import image_loader
 from unmix_ray.evaluation import PROTOCOL_TAG, evaluate, knn_protocol, monitor_knn
 from unmix_ray.optim import scaled_lr
 from unmix_ray.step import NonFiniteLossError, Pretrainer, build_training
-from unmix_ray.train.logger import RunLogger
+from unmix_ray.train.logger import RunLogger, SystemMetrics
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     trial = TrialConfig.from_dict(config["trial"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tc = trial.train
-    if tc.torch_threads:
-        torch.set_num_threads(tc.torch_threads)
-    device = ray.train.torch.get_device()
+    if trial.train.torch_threads:
+        torch.set_num_threads(trial.train.torch_threads)
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else None
+    system = (SystemMetrics(config["tracking_uri"], config["run_id"], config["system_metrics_s"])
+              if logger and config.get("system_metrics_s") else None)
+    try:
+        _train(trial, config, rank, world, logger)
+    finally:
+        if system:
+            system.stop()
+
+
+def _train(trial: TrialConfig, config: dict[str, Any], rank: int, world: int, logger: RunLogger | None) -> None:
+    tc = trial.train
+    device = ray.train.torch.get_device()
 
     batches = image_loader(trial.dataset, trial.dataset.pretrain_splits, tc.batch_per_worker, mode="pretrain",
                            seed=trial.seed, rank=rank, world_size=world)
