@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from unmix_ray.compose import load_sweep
+from unmix_ray.data import fashion_mnist
 from unmix_ray.methods import build_method
 from unmix_ray.models import build_backbone
 from unmix_ray.orchestration import tracking
