@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 def make_trial(method: str, workers: int = 1, **params: Any) -> TrialConfig:
     """A Fashion-MNIST trial (64 test-split images, 16 per worker step: 4 steps an epoch on one process) with Un-Mix
     drawing mixup and CutMix, and the method's recipe with ``params`` on top (small queues)."""
-    overrides = [f"grid.method=[{method}]", "grid.mixture=[both]", "untrained_reference=false",
+    overrides = [f"grid.method=[{method}]", "grid.mixture=[both]", "grid.seed=[0]", "untrained_reference=false",
                  f"train.epochs={EPOCHS}", f"train.num_workers={workers}", f"train.batch_size={16 * workers}",
                  "datasets.fashion_mnist.pretrain_splits=[test]", "datasets.fashion_mnist.train_subset=64"]
     overrides += [f"methods.{method}.params.{k}={v}" for k, v in params.items()]
