@@ -1,5 +1,6 @@
-"""The MLflow UI in a real browser: a sweep's runs, baseline against Un-Mix on the compare page, and
-the results table, served by a real ``mlflow server`` and rendered by headless Chromium.
+"""The MLflow UI in a real browser: a sweep's runs with their lineage (dataset, source, commit),
+baseline against Un-Mix on the compare page, and the results table, served by a real ``mlflow server``
+and rendered by headless Chromium.
 
 Screenshots are kept under test-artifacts/mlflow-ui/ (printed at the end of the test).
 """
@@ -60,6 +61,11 @@ def test_runs_comparison_and_table_are_visible(chromium, shots, tmp_path):
         exp_id = client.get_experiment_by_name(store.experiment).experiment_id
         names = {key: client.get_run(run_id).info.run_name for key, run_id in store.run_ids.items()}
         baseline, unmix = names[("none", 0)], names[("mixup", 0)]
+        logged = client.get_run(store.run_ids[("none", 0)])
+        dataset = logged.inputs.dataset_inputs[0].dataset
+        lineage = {"dataset": dataset.name, "digest": dataset.digest,
+                   "commit": logged.data.tags["mlflow.source.git.commit"]}
+        assert dataset.name == "fashion_mnist" and len(lineage["commit"]) == 40
 
         with sync_playwright() as p:
             expect.set_options(timeout=TIMEOUT_MS)
@@ -76,6 +82,16 @@ def test_runs_comparison_and_table_are_visible(chromium, shots, tmp_path):
                 sweep_row.locator("button[data-component-id*=runnamecellrenderer]").click()
                 for name in sorted(set(names.values())):
                     expect(page.locator("[role=row]", has_text=name)).to_be_visible()
+                # Lineage in the runs table: dataset (name, digest, context), source and the commit
+                # (the Version column, shown from the Columns menu).
+                page.get_by_role("button", name="Columns", exact=True).click()
+                page.get_by_text("Version", exact=True).first.click()
+                page.keyboard.press("Escape")
+                index = page.locator("[role=row]", has_text=baseline).first.get_attribute("row-index")
+                cells = " ".join(page.locator(f"[role=row][row-index='{index}']").all_inner_texts())
+                for text in (f"{lineage['dataset']} ({lineage['digest']})", "Pretraining", "jobs/sweep.py",
+                             lineage["commit"][:6]):
+                    assert text in cells, (text, cells)
                 page.screenshot(path=shots / "1-runs.png")
 
                 # 2. Select the baseline and an Un-Mix run of the same seed, press Compare.
