@@ -241,10 +241,11 @@ def start_mlflow(root: Path, s3_endpoint: str, backend_uri: str, bucket: str = B
     return proc, uri
 
 
-def start_ray(root: Path, num_cpus: int = 2, trial_drivers: int = 4,
-              timeout: float = 180) -> tuple[subprocess.Popen, str, str, str, str]:
+def start_ray(root: Path, num_cpus: int = 2, trial_drivers: int = 4, timeout: float = 180,
+              job_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str, str, str]:
     """``ray start --head --block`` on loopback; returns (process, dashboard URL, GCS address,
-    token file, temp dir)."""
+    token file, temp dir). ``job_env`` is in the head's environment, so every job, trial driver and
+    worker inherits it, as on the cluster's head (its MLflow server and S3 endpoint)."""
     token_path = root / "ray_auth_token"
     if not token_path.exists():
         token_path.write_text(secrets.token_hex(32))
@@ -260,7 +261,7 @@ def start_ray(root: Path, num_cpus: int = 2, trial_drivers: int = 4,
     # Tune's state after SIGTERM, before SIGKILL (Ray's default is 3 s).
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
            "RAY_JOB_STOP_WAIT_TIME_S": "120",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", **(job_env or {})}
     env.pop("RAY_ADDRESS", None)
     cmd = [_bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
            f"--node-ip-address={HOST}", f"--port={gcs}", f"--num-cpus={num_cpus}", "--num-gpus=0",
@@ -361,8 +362,10 @@ def _start_head(state: Standin, num_cpus: int, trial_drivers: int) -> None:
     state.pids["mlflow"] = mlflow.pid
     temp_marker = root / "ray_temp_dir"
     try:
+        job_env = {"MLFLOW_TRACKING_URI": state.mlflow_uri, "MLFLOW_S3_ENDPOINT_URL": state.s3_endpoint,
+                   "AWS_ENDPOINT_URL_S3": state.s3_endpoint, **S3_ENV}
         ray, state.dashboard_url, state.ray_address, state.token_path, state.ray_temp_dir = start_ray(
-            root, num_cpus, trial_drivers)
+            root, num_cpus, trial_drivers, job_env=job_env)
     except BaseException:
         if temp_marker.exists():
             state.ray_temp_dir = temp_marker.read_text()

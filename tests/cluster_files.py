@@ -144,3 +144,10 @@ def start_param_resources(params: dict) -> dict[str, float]:
     resources = json.loads(words[0])
     assert all(isinstance(v, (int, float)) for v in resources.values()), value
     return resources
+
+
+def local_blocks(text: str) -> list[tuple[str, list[str]]]:
+    """(marker, commands) of every ```sh local / ```sh local-error block: commands a test can run here."""
+    blocks = re.findall(r"^ *```sh (local(?:-error)?)\n(.*?)^ *```$", text, re.M | re.S)
+    return [(marker, [c.strip() for c in body.replace("\\\n", " ").splitlines()
+                      if c.strip() and not c.strip().startswith("#")]) for marker, body in blocks]

@@ -34,6 +34,7 @@ from .cluster_files import (
     load_aws,
     load_kuberay,
     load_paper,
+    local_blocks,
     ray_specs,
     start_param_resources,
     strings,
@@ -313,13 +314,6 @@ def test_paper_datasets_are_staged_from_s3(paper, aws):
 
 # ----------------------------------------------------------------------------------------------
 # docs/cluster.md
-
-
-def local_blocks(text: str) -> list[tuple[str, list[str]]]:
-    """(marker, commands) of every ```sh local / ```sh local-error block: commands a test can run here."""
-    blocks = re.findall(r"^ *```sh (local(?:-error)?)\n(.*?)^ *```$", text, re.M | re.S)
-    return [(marker, [c.strip() for c in body.replace("\\\n", " ").splitlines()
-                      if c.strip() and not c.strip().startswith("#")]) for marker, body in blocks]
 
 
 def test_docs_mark_the_commands_that_run_here():
