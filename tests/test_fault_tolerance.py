@@ -61,7 +61,7 @@ def _loop(config: dict) -> None:
 SMALL = [
     "grid.mixture=[both]", "grid.seed=[0]", "untrained_reference=false", f"train.epochs={EPOCHS}",
     "train.batch_size=64",
-    "train.num_workers=2", "train.torch_threads=1", "train.max_failures=3", "train.checkpoint_every=1",
+    "train.num_workers=2", "train.torch_threads=1", "train.checkpoint_every=1",  # max_failures: the default
     "datasets.fashion_mnist.train_subset=512", "datasets.fashion_mnist.test_subset=300",
     "eval.linear_epochs=1", "eval.knn_k=20", "eval.knn_every=0",
 ]
@@ -159,6 +159,7 @@ def test_sigkill_a_worker_resumes_from_s3_checkpoint_into_the_same_run(two_nodes
             f"datasets.fashion_mnist.root={small_fashion_mnist}", "tune.storage_path=s3://ckpt/runs",
             f"tune.storage_endpoint_url={endpoint}"])
         name = sweep.trials[0].run_name
+        assert sweep.trials[0].train.max_failures == 2  # what a user gets without asking
         thread, box = run_in_thread(sweep, uri)
         wait_for(lambda: len(epochs_logged(uri, name)) >= 2 or not thread.is_alive(), 600, "epoch 2")
         pids = training_worker_pids()
