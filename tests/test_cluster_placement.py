@@ -103,7 +103,7 @@ def test_a_trial_that_never_finds_room_fails_in_bounded_time_naming_what_it_wait
 def test_one_gpu_trials_never_land_on_the_eight_gpu_kind(cluster, tmp_path):
     """GPU nodes of two kinds (their GPUs declared, as Ray trusts a node's declaration); each trial's workers
     run the Ray Train the trials run, with the placement the sweep plans, and say where they landed."""
-    from ray.train import RunConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from unmix_ray.orchestration.trial import scaling_config
@@ -113,7 +113,9 @@ def test_one_gpu_trials_never_land_on_the_eight_gpu_kind(cluster, tmp_path):
     sweep = load_sweep(ROOT / "configs/sweeps/paper.yaml", ["grid.seed=[0]", "grid.mixture=[none]",
                                                             "untrained_reference=false", "grid.method=[simclr]",
                                                             "grid.dataset=[cifar10, imagenet]",
-                                                            "train.cpus_per_worker=1"])
+                                                            "train.cpus_per_worker=1",
+                                                            "train_overrides.imagenet.cpus_per_worker=1"])
+    assert {t.dataset.name: t.train.cpus_per_worker for t in sweep.trials} == {"cifar10": 1, "imagenet": 1}
     aws = load_cluster(ROOT / "cluster/aws-gpu.yaml")
     placements = sweep_placements(aws.nodes, sweep)
 
@@ -130,7 +132,9 @@ def test_one_gpu_trials_never_land_on_the_eight_gpu_kind(cluster, tmp_path):
         out = tmp_path / trial.dataset.name
         TorchTrainer(where, train_loop_config={"out": str(out)}, torch_config=TorchConfig(backend="gloo"),
                      scaling_config=scaling_config(trial, placements[trial.run_name]),
-                     run_config=RunConfig(name=f"where-{trial.dataset.name}", storage_path=str(tmp_path / "r"))).fit()
+                     run_config=RunConfig(name=f"where-{trial.dataset.name}", storage_path=str(tmp_path / "r"),
+                                          # a placement that cannot start fails here instead of retrying
+                                          failure_config=FailureConfig(controller_failure_limit=0))).fit()
         landed[trial.dataset.name] = {json.loads(p.read_text()) for p in tmp_path.glob(f"{trial.dataset.name}-*.json")}
     assert landed["cifar10"] == {small.node_id}  # the A100 node had room too, and was not taken
     assert landed["imagenet"] == {big.node_id}  # 8 workers, packed on the one 8-GPU node
