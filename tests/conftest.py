@@ -75,3 +75,25 @@ def ray_local():
     start_local(num_cpus=2, resources={"trial_driver": 8}, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
     stop_local()
+
+
+# The cluster files as parsed YAML, for the cluster tests.
+@pytest.fixture(scope="module")
+def aws() -> dict:
+    from .cluster_files import load_aws
+
+    return load_aws()
+
+
+@pytest.fixture(scope="module")
+def kuberay() -> list[dict]:
+    from .cluster_files import load_kuberay
+
+    return load_kuberay()
+
+
+@pytest.fixture(scope="module")
+def paper_yaml() -> dict:
+    from .cluster_files import load_paper
+
+    return load_paper()

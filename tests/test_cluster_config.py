@@ -31,30 +31,12 @@ from .cluster_files import (
     gib,
     head_memory_model,
     image_parts,
-    load_aws,
-    load_kuberay,
-    load_paper,
     local_blocks,
     ray_specs,
     start_param_resources,
     strings,
     worker_types,
 )
-
-
-@pytest.fixture(scope="module")
-def aws() -> dict:
-    return load_aws()
-
-
-@pytest.fixture(scope="module")
-def kuberay() -> list[dict]:
-    return load_kuberay()
-
-
-@pytest.fixture(scope="module")
-def paper() -> dict:
-    return load_paper()
 
 
 def test_ray_validates_the_launcher_config(aws):
@@ -300,10 +282,10 @@ SMALL_ARCHIVES = {  # each dataset's original archive, as its loader's LAYOUT na
 }
 
 
-def test_paper_datasets_are_staged_from_s3(paper, aws):
-    bucket = paper["tune"]["storage_path"].split("/")[2]
-    datasets = {k: v for k, v in paper["datasets"].items() if k in paper["grid"]["dataset"]}
-    assert set(datasets) == set(paper["grid"]["dataset"])  # the other keys are per-method recipe overrides
+def test_paper_datasets_are_staged_from_s3(paper_yaml, aws):
+    bucket = paper_yaml["tune"]["storage_path"].split("/")[2]
+    datasets = {k: v for k, v in paper_yaml["datasets"].items() if k in paper_yaml["grid"]["dataset"]}
+    assert set(datasets) == set(paper_yaml["grid"]["dataset"])  # the other keys are per-method recipe overrides
     data_mount = next(o.split()[1].split(":")[0] for o in aws["docker"]["run_options"] if "/mnt/data" in o)
     for name, entry in datasets.items():
         assert entry["root"] == f"{data_mount}/{name}", name  # the host folder each container writes

@@ -28,30 +28,12 @@ from .cluster_files import (
     by_name,
     containers,
     gib,
-    load_aws,
-    load_kuberay,
-    load_paper,
     pod_templates,
     ray_specs,
     start_param_resources,
     strings,
     worker_types,
 )
-
-
-@pytest.fixture(scope="module")
-def aws() -> dict:
-    return load_aws()
-
-
-@pytest.fixture(scope="module")
-def kuberay() -> list[dict]:
-    return load_kuberay()
-
-
-@pytest.fixture(scope="module")
-def paper() -> dict:
-    return load_paper()
 
 
 def test_kuberay_manifests_parse(kuberay):
@@ -135,7 +117,7 @@ def test_ray_resources_use_only_known_kuberay_fields(kuberay):
             start_param_resources(params)
 
 
-def test_rayjob_runs_the_paper_sweep_on_the_raycluster_spec(kuberay, paper):
+def test_rayjob_runs_the_paper_sweep_on_the_raycluster_spec(kuberay, paper_yaml):
     from unmix_ray.config.files import apply_overrides
 
     job = next(d for d in kuberay if d["kind"] == "RayJob")
@@ -149,7 +131,7 @@ def test_rayjob_runs_the_paper_sweep_on_the_raycluster_spec(kuberay, paper):
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"]) == {"working_dir": IMAGE_HOME}
     overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
     assert len(words) == 6 + 2 * len(overrides)
-    imagenet = apply_overrides(paper, overrides)["datasets"]["imagenet"]
+    imagenet = apply_overrides(paper_yaml, overrides)["datasets"]["imagenet"]
     assert imagenet["source"] is None  # read in place from the read-only FSx volume
     for _, template in pod_templates(cluster["spec"])[1:]:
         mounts = {m["name"]: m for m in template["spec"]["containers"][0]["volumeMounts"]}
@@ -187,7 +169,7 @@ def test_kuberay_gpu_groups_and_head(kuberay, aws):
         assert instances == set(aws_max), kind
 
 
-def test_kuberay_datasets_volume_is_fsx_mounted_read_only(kuberay, paper):
+def test_kuberay_datasets_volume_is_fsx_mounted_read_only(kuberay, paper_yaml):
     pv = by_name(kuberay, "PersistentVolume", "unmix-ray-datasets")
     pvc = by_name(kuberay, "PersistentVolumeClaim", "unmix-ray-datasets")
     assert pv["spec"]["csi"]["driver"] == "fsx.csi.aws.com"
@@ -197,7 +179,7 @@ def test_kuberay_datasets_volume_is_fsx_mounted_read_only(kuberay, paper):
     assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
     assert pv["spec"]["claimRef"] == {"namespace": pvc["metadata"]["namespace"], "name": pvc["metadata"]["name"]}
     assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
-    staged = {n: d["root"] for n, d in paper["datasets"].items() if d.get("source")}
+    staged = {n: d["root"] for n, d in paper_yaml["datasets"].items() if d.get("source")}
     for _, spec in ray_specs(kuberay):
         for name, template in pod_templates(spec)[1:]:
             volumes = {v["name"]: v for v in template["spec"]["volumes"]}
