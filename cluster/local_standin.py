@@ -79,6 +79,7 @@ class Standin:
     token_path: str
     ray_temp_dir: str
     pids: dict[str, int] = field(default_factory=dict)  # service -> pid (= its process group)
+    pg_dir: str = ""  # PostgreSQL's data and sockets
 
     @property
     def env(self) -> dict[str, str]:
@@ -199,16 +200,19 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def start_postgres(root: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
-    """A PostgreSQL cluster of the stand-in's own (in ``root/pg``) on 127.0.0.1, with a database ``mlflow``
-    that the user ``mlflow`` owns; local trust authentication, as befits a loopback-only stand-in."""
-    data, sockets = root / "pg", root / "pg-sockets"
-    for d in (data, sockets):
-        d.mkdir(exist_ok=True)
-        if os.geteuid() == 0:
-            shutil.chown(d, "postgres", "postgres")
+def start_postgres(root: Path, timeout: float = 60) -> tuple[subprocess.Popen, str, Path]:
+    """A PostgreSQL cluster of the stand-in's own on 127.0.0.1, with a database ``mlflow`` that the user
+    ``mlflow`` owns; local trust authentication, as befits a loopback-only stand-in. Returns the process,
+    the URI and its folder: ``root/pg``, or as root a folder of the ``postgres`` user under /tmp, since
+    ``root`` may lie below folders that only root may enter (pytest's, for one)."""
     if os.geteuid() == 0:
-        shutil.chown(root, "postgres")  # it must reach its folders
+        home = Path(tempfile.mkdtemp(prefix="urs-pg-", dir="/tmp"))
+        shutil.chown(home, "postgres", "postgres")
+    else:
+        home = root / "pg"
+        home.mkdir(exist_ok=True)
+    data, sockets = home / "data", home / "sockets"
+    subprocess.run(_as_postgres(["mkdir", "-p", str(data), str(sockets)]), check=True, timeout=30)
     if not (data / "PG_VERSION").exists():
         subprocess.run(_as_postgres([_postgres_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow",
                                      "--no-sync"]), check=True, capture_output=True, timeout=120)
@@ -220,7 +224,7 @@ def start_postgres(root: Path, timeout: float = 60) -> tuple[subprocess.Popen, s
     _wait(lambda: subprocess.run(ready, capture_output=True).returncode == 0, "postgres", timeout, proc, log)
     subprocess.run([_postgres_bin("createdb"), "-h", HOST, "-p", str(port), "-U", "mlflow", "mlflow"],
                    capture_output=True)  # exists already when a stand-in is started on an old folder
-    return proc, f"postgresql://mlflow@{HOST}:{port}/mlflow"
+    return proc, f"postgresql://mlflow@{HOST}:{port}/mlflow", home
 
 
 def start_mlflow(root: Path, s3_endpoint: str, backend_uri: str, bucket: str = BUCKET,
@@ -325,6 +329,8 @@ def stop(state: Standin, grace: float = 20) -> None:
         if name in state.pids:
             _stop_group(state.pids[name], grace)
     stop_ray_leftovers(state)
+    if state.pg_dir and not Path(state.pg_dir).is_relative_to(state.root):
+        shutil.rmtree(state.pg_dir, ignore_errors=True)
 
 
 def stop_ray_leftovers(state: Standin) -> None:
@@ -345,8 +351,8 @@ def up(root: str | Path, num_cpus: int = 2, trial_drivers: int = 4, bucket: str 
     try:
         s3, state.s3_endpoint = start_s3(root, bucket)
         state.pids["s3"] = s3.pid
-        postgres, state.postgres_uri = start_postgres(root)
-        state.pids["postgres"] = postgres.pid
+        postgres, state.postgres_uri, pg_dir = start_postgres(root)
+        state.pids["postgres"], state.pg_dir = postgres.pid, str(pg_dir)
         _start_head(state, num_cpus, trial_drivers)
     except BaseException:
         stop(state)

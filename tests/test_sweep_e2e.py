@@ -67,7 +67,11 @@ def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, smal
 
     # Lineage: the encoder is an MLflow model that reproduces the run's kNN on the same data; the run names
     # its dataset and its source, and samples the node's system metrics.
-    encoder = mlflow.pytorch.load_model(trained.data.tags["unmix.model"]).eval()
+    mlflow.set_tracking_uri(uri)  # a `models:/` URI is resolved through the tracking server
+    try:
+        encoder = mlflow.pytorch.load_model(trained.data.tags["unmix.model"]).eval()
+    finally:
+        mlflow.set_tracking_uri(None)
     trial = next(t for t in sweep.trials if t.run_name == trained.info.run_name)
     ds, ev = trial.dataset, trial.eval
     with torch.no_grad():
