@@ -107,6 +107,24 @@ def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def sum_shards(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The sum over the ``n`` items of a dataset sharded round-robin over ranks (as ``gather_shards``
+    takes them) of their rows in ``x``, this rank's shard: rows past the end of the dataset (the
+    wrapped padding of the last shard) are not counted. The same on every rank."""
+    index = rank() + world_size() * torch.arange(x.shape[0], device=x.device)
+    return all_reduce_sum(x[index < n].sum(0))
+
+
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` wrapped in ``DistributedDataParallel`` when several ranks train it, else ``module``:
+    every backward pass then leaves each rank with the mean of the ranks' gradients, so equal local
+    batches train it as one global batch would."""
+    if not is_distributed():
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module)
+
+
+@torch.no_grad()
 def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor, local: bool = False,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """``encoder(x)`` computed on a random permutation of the global batch, returned in ``x``'s order.

@@ -76,7 +76,9 @@ def evaluate(method: SSLMethod, trial: TrialConfig, device: torch.device, protoc
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; known: {', '.join(PROTOCOLS)}")
     ds, ev = trial.dataset, eval_config or trial.eval
     if "paper" in protocols and is_streamed(ds):
-        raise ValueError(f"the paper linear protocol holds {ds.name} in memory, which it cannot; use 'fast'")
+        raise ValueError(f"the paper linear protocol holds {ds.name} in memory here, which it cannot: run it "
+                         "distributed over the streamed data (jobs/linear_eval.py --protocol paper --workers N), "
+                         "or use 'fast'")
     with frozen(method):
         return _evaluate(Features(method), trial, ds, ev, device, protocols, encoder_at)
 

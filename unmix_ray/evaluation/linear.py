@@ -95,6 +95,38 @@ class PaperResult:
                 "linear_paper_top1_best": self.top1_best, "linear_paper_top5_best": self.top5_best,
                 "linear_paper_best_epoch": float(self.best_epoch)}
 
+    @classmethod
+    def of(cls, history: list[tuple[float, float]]) -> PaperResult:
+        """The last epoch and the first epoch at the best top-1 of a (top-1, top-5) ``history``."""
+        best = max(range(len(history)), key=lambda i: (history[i][0], -i))
+        return cls(history[-1][0], history[-1][1], history[best][0], history[best][1], best + 1, list(history))
+
+
+def paper_augment(recipe: PaperRecipe, crop: int, mean: tuple[float, ...], std: tuple[float, ...],
+                  generator: torch.Generator) -> BatchAugment:
+    """The ``paper`` protocol's training view: RandomResizedCrop (``recipe.crop_scale``) + flip, nothing else."""
+    return BatchAugment(AugmentConfig(crop_scale=recipe.crop_scale, flip_p=0.5, jitter_p=0.0, gray_p=0.0,
+                                      blur_p=0.0), crop, mean, std, generator)
+
+
+def paper_classifier(feature_dim: int, num_classes: int, recipe: PaperRecipe, device: torch.device,
+                     seed: int = 0) -> tuple[nn.Linear, torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
+    """The ``paper`` protocol's linear layer (weights N(0, 0.01), bias 0, drawn from ``seed``), its SGD
+    with momentum and its per-epoch schedule (cosine to 0, or x0.1 at each milestone)."""
+    torch.manual_seed(seed)
+    clf = nn.Linear(feature_dim, num_classes).to(device)
+    nn.init.normal_(clf.weight, std=0.01)
+    nn.init.zeros_(clf.bias)
+    opt = torch.optim.SGD(clf.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                          weight_decay=recipe.weight_decay)
+    if recipe.schedule == "cosine":
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, recipe.epochs, eta_min=0.0)
+    else:
+        milestones = sorted({max(1, round(f * recipe.epochs)) for f in recipe.milestones})
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+    return clf, opt, sched
+
 
 def linear_paper(encoder: nn.Module, feature_dim: int, train_images: torch.Tensor, train_labels: torch.Tensor,
                  test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
@@ -113,22 +145,11 @@ def linear_paper(encoder: nn.Module, feature_dim: int, train_images: torch.Tenso
     freeze(encoder)
     gen = torch.Generator(device=device).manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
-    augment = BatchAugment(AugmentConfig(crop_scale=recipe.crop_scale, flip_p=0.5, jitter_p=0.0, gray_p=0.0,
-                                         blur_p=0.0), crop, mean, std, gen)
+    augment = paper_augment(recipe, crop, mean, std, gen)
     test_feats = extract_features(encoder, test_images, mean, std, crop, device, chunk,
                                   recipe.test_resize_px(crop))
     test_labels = test_labels.to(device)
-    torch.manual_seed(seed)
-    clf = nn.Linear(feature_dim, num_classes).to(device)
-    nn.init.normal_(clf.weight, std=0.01)
-    nn.init.zeros_(clf.bias)
-    opt = torch.optim.SGD(clf.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay)
-    if recipe.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.epochs, eta_min=0.0)
-    else:
-        milestones = sorted({max(1, round(f * recipe.epochs)) for f in recipe.milestones})
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+    clf, opt, sched = paper_classifier(feature_dim, num_classes, recipe, device, seed)
     bs = recipe.batch_size
     chunk = max(bs, chunk // bs * bs)  # whole mini-batches per chunk
     labels = train_labels.to(device)
@@ -142,5 +163,4 @@ def linear_paper(encoder: nn.Module, feature_dim: int, train_images: torch.Tenso
             _fit_batches(clf, opt, feats, labels[idx.to(device)], bs)
         sched.step()
         history.append(_score(clf, test_feats, test_labels))
-    best = max(range(len(history)), key=lambda i: (history[i][0], -i))  # the first epoch at the best top-1
-    return PaperResult(history[-1][0], history[-1][1], history[best][0], history[best][1], best + 1, history)
+    return PaperResult.of(history)
