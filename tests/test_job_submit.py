@@ -25,9 +25,11 @@ SMALL = ["grid.mixture=[none, both]", "grid.seed=[0]", "untrained_reference=fals
 FIRST, SECOND = "simclr-fashion_mnist-none-p0.5-s0", "simclr-fashion_mnist-both-p0.5-s0"
 
 
-def submit(s, env_vars: dict, args: list[str], wait: bool = True) -> subprocess.CompletedProcess:
+def submit(s, env_vars: dict, args: list[str], wait: bool = True, job_id: str | None = None,
+           ) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", s.dashboard_url,
            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars})]
+    cmd += ["--submission-id", job_id] if job_id else []
     cmd += ([] if wait else ["--no-wait"]) + ["--", "python", "jobs/sweep.py", *args]
     return subprocess.run(cmd, env=s.env, capture_output=True, text=True, timeout=1500)
 
@@ -59,10 +61,11 @@ def test_a_submitted_sweep_survives_a_stop_and_a_new_head(tmp_path, small_fashio
         env_vars = {"MLFLOW_TRACKING_URI": s.mlflow_uri, "AWS_ENDPOINT_URL_S3": s.s3_endpoint, **S3_ENV}
         sets = [*SMALL, f"tune.storage_path=s3://{s.bucket}/checkpoints",
                 f"datasets.fashion_mnist.root={small_fashion_mnist}"]
+        # Named by us: the CLI's own output may carry terminal colour codes around the generated id.
+        job_id = "unmix-stop-and-resume"
         job = submit(s, env_vars, ["--config", "configs/sweeps/demo.yaml"] + [a for x in sets for a in ("--set", x)],
-                     wait=False)
+                     wait=False, job_id=job_id)
         assert job.returncode == 0, job.stdout + job.stderr
-        job_id = next(w for line in job.stdout.splitlines() for w in line.split() if w.startswith("raysubmit_"))
 
         # 1. Stopped while its second trial runs: the finished trial stays FINISHED, the rest is KILLED.
         wait_for(lambda: getattr(runs(s.mlflow_uri).get(FIRST), "info", None) is not None
