@@ -13,11 +13,17 @@ setup-runtime:
 demo: setup-runtime
 	$(PY) jobs/sweep.py --config configs/sweeps/demo.yaml
 
+# Tests spread over up to 4 cores, except those that start Ray (marker `ray`): only one Ray may run on a
+# machine at once, so they run one at a time, after the rest.
+PARALLEL := -n auto --maxprocesses 4
+
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -m "not ray" $(PARALLEL) --durations=10; rest=$$?; \
+	$(PY) -m pytest -q -m ray --durations=15; ray=$$?; \
+	if [ $$rest != 0 ]; then exit $$rest; fi; exit $$ray
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(PARALLEL)
 
 lint: setup
 	.venv/bin/ruff check .

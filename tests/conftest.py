@@ -63,18 +63,46 @@ def small_fashion_mnist(tmp_path_factory, fashion_mnist_root) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
+# One embedded Ray shared by every test that asks for `ray_local`: they run one after another (the
+# collection hook below puts them together) and it stops before any test that starts a Ray of its own
+# (only one Ray at a time on a machine: see README, Development).
+_shared_ray: dict[str, bool] = {"up": False}
+
+
+@pytest.fixture
 def ray_local():
-    """One embedded local Ray for the tests that need it (2 CPUs, plus trial-driver slots), started as the
-    sweeps start theirs: on loopback, and isolated from any other Ray on this machine."""
+    """An embedded local Ray (2 CPUs, plus trial-driver slots), started as the sweeps start theirs: on
+    loopback, and isolated from any other Ray on this machine."""
     import ray
 
-    from unmix_ray.orchestration.local_ray import start_local, stop_local
+    from unmix_ray.orchestration.local_ray import start_local
 
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    start_local(num_cpus=2, resources={"trial_driver": 8}, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield ray
-    stop_local()
+    if not _shared_ray["up"]:
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        start_local(num_cpus=2, resources={"trial_driver": 8}, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        _shared_ray["up"] = True
+    return ray
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts Ray is slow too; the tests on the shared Ray are moved together where the first
+    of them is: one Ray start for all."""
+    for item in items:
+        if item.get_closest_marker("ray") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+    shared = [item for item in items if "ray_local" in getattr(item, "fixturenames", ())]
+    if shared:
+        first = items.index(shared[0])
+        rest = [item for item in items if item not in shared]
+        items[:] = rest[:first] + shared + rest[first:]
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if _shared_ray["up"] and (nextitem is None or "ray_local" not in getattr(nextitem, "fixturenames", ())):
+        from unmix_ray.orchestration.local_ray import stop_local
+
+        stop_local()
+        _shared_ray["up"] = False
 
 
 # The cluster files as parsed YAML, for the cluster tests.

@@ -23,18 +23,21 @@ SMALL = ["grid.mixture=[none]", "grid.seed=[0]", "untrained_reference=false", "t
          "tune.log_encoder=false"]
 
 
-@pytest.fixture
-def cluster(monkeypatch):
-    """A head that offers no CPUs for tasks (like the real one), on its own: workers are added by the test."""
+@pytest.fixture(scope="module")
+def cluster():
+    """A head that offers no CPUs for tasks (like the real one); workers are added by the tests. One
+    cluster for the module, its start being the slow part: the tests run in file order, each adding
+    the nodes it needs, so the first one still meets a head alone."""
     import ray
     from ray.cluster_utils import Cluster
 
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"trial_driver": 4}})
-    ray.init(address=c.address)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(ROOT))
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"trial_driver": 4}})
+        ray.init(address=c.address)
+        yield c
+        ray.shutdown()
+        c.shutdown()
 
 
 def kuberay_manifest(path, groups: dict[str, dict]) -> str:
@@ -66,21 +69,7 @@ def run_in_thread(sweep, uri, cluster_file):
 
 
 @pytest.mark.slow
-def test_a_sweep_on_a_cluster_at_zero_runs_once_a_worker_appears(cluster, tmp_path, small_fashion_mnist):
-    manifest = kuberay_manifest(tmp_path / "raycluster.yaml", {"cpu": {"num-cpus": "2"}})
-    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [
-        f"tune.storage_path={tmp_path / 'ray'}", f"datasets.fashion_mnist.root={small_fashion_mnist}"])
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    thread, box = run_in_thread(sweep, uri, manifest)
-    time.sleep(20)  # the sweep started on a head with no CPUs: the trial waits for room
-    assert thread.is_alive() and "error" not in box
-    cluster.add_node(num_cpus=2)  # the autoscaler's worker
-    thread.join(timeout=600)
-    assert "error" not in box, box.get("error")
-    assert box["table"].complete
-
-
-@pytest.mark.slow
+@pytest.mark.ray
 def test_a_trial_that_never_finds_room_fails_in_bounded_time_naming_what_it_waited_for(cluster, tmp_path):
     manifest = kuberay_manifest(tmp_path / "raycluster.yaml", {"big": {"num-cpus": "8"}})
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [
@@ -100,6 +89,23 @@ def test_a_trial_that_never_finds_room_fails_in_bounded_time_naming_what_it_wait
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+def test_a_sweep_on_a_cluster_at_zero_runs_once_a_worker_appears(cluster, tmp_path, small_fashion_mnist):
+    manifest = kuberay_manifest(tmp_path / "raycluster.yaml", {"cpu": {"num-cpus": "2"}})
+    sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", SMALL + [
+        f"tune.storage_path={tmp_path / 'ray'}", f"datasets.fashion_mnist.root={small_fashion_mnist}"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    thread, box = run_in_thread(sweep, uri, manifest)
+    time.sleep(10)  # the sweep started on a head with no CPUs: the trial waits for room
+    assert thread.is_alive() and "error" not in box
+    cluster.add_node(num_cpus=2)  # the autoscaler's worker
+    thread.join(timeout=600)
+    assert "error" not in box, box.get("error")
+    assert box["table"].complete
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_one_gpu_trials_never_land_on_the_eight_gpu_kind(cluster, tmp_path):
     """GPU nodes of two kinds (their GPUs declared, as Ray trusts a node's declaration); each trial's workers
     run the Ray Train the trials run, with the placement the sweep plans, and say where they landed."""

@@ -73,6 +73,7 @@ def test_stratified_split_is_seeded_and_keeps_class_proportions():
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_one_epoch_sweep_on_an_outside_loader_and_a_yaml_only_dataset(ray_local, config_dir, tmp_path):
     from unmix_ray.orchestration.sweep import run_sweep
 

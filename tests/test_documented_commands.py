@@ -66,6 +66,7 @@ def test_the_documented_test_commands_are_part_of_the_suite():
             assert (ROOT / f).is_file() and re.fullmatch(r"tests/test_\w+\.py", f), f
 
 
+@pytest.mark.ray
 def test_the_standin_commands_run_a_job_that_mlflow_records(tmp_path):
     """The stand-in block as written, with a look at MLflow before the last command stops it."""
     *start_and_submit, down = STANDIN

@@ -15,6 +15,7 @@ from .services import mlflow_server
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_nan_guard_fails_fast_naming_epoch_and_step(ray_local, tmp_path, small_fashion_mnist):
     from unmix_ray.orchestration.sweep import run_sweep
 
@@ -22,6 +23,7 @@ def test_nan_guard_fails_fast_naming_epoch_and_step(ray_local, tmp_path, small_f
     sweep = load_sweep(ROOT / "configs/sweeps/demo.yaml", [
         "grid.mixture=[none]", "grid.seed=[0]", "untrained_reference=false", "train.epochs=3", "train.batch_size=32",
         "train.nan_check_every=4", f"datasets.fashion_mnist.root={small_fashion_mnist}",
+        "train.max_failures=0",  # Ray Train retries any worker error; each retry would meet the same step
         "datasets.fashion_mnist.train_subset=512",
         "methods.simclr.optim.name=sgd", "methods.simclr.optim.lr=1.0e+30", "methods.simclr.optim.warmup_epochs=0",
         f"tune.storage_path={tmp_path / 'ray'}",

@@ -222,6 +222,7 @@ def test_the_paper_protocol_on_streamed_imagenet_asks_for_workers(imagenet_run, 
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_imagenet_paper_protocol_runs_on_two_cpu_workers_and_lands_in_the_run(imagenet_run, tmp_path, monkeypatch,
                                                                              capsys):
     from mlflow.tracking import MlflowClient

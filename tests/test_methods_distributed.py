@@ -1,6 +1,6 @@
 """Two gloo workers (torch.multiprocessing, no Ray): the cross-worker parts of the methods.
 
-Each test spawns two processes on the loopback; a failed assertion in either one fails the test.
+Each test forks two processes on the loopback; a failed assertion in either one fails the test.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def free_port() -> int:
 
 
 def spawn(fn, *args) -> None:
-    mp.spawn(_entry, args=(fn, free_port(), args), nprocs=WORLD, join=True)
+    # Forked, not spawned: a spawned child imports torch and this module again (seconds per test); the
+    # parent has no process group and one intra-op thread (tests/conftest.py), so a fork is safe.
+    mp.start_processes(_entry, args=(fn, free_port(), args), nprocs=WORLD, join=True, start_method="fork")
 
 
 def _entry(rank: int, fn, port: int, args) -> None:

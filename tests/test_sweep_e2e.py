@@ -20,6 +20,7 @@ SMALL = [
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, small_fashion_mnist):
     import mlflow.pytorch
     import torch
@@ -85,6 +86,7 @@ def test_small_sweep_writes_runs_and_the_results_table(ray_local, tmp_path, smal
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, small_fashion_mnist):
     """Sequential trials, ASHA on the training loss: the Un-Mix trial's total loss (clean + mixed terms)
     is far above the baseline's, so at the first rung ASHA stops it."""
@@ -120,6 +122,7 @@ def test_asha_stops_a_trial_early_and_mlflow_says_so(ray_local, tmp_path, small_
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_streamed_dataset_runs_through_the_sweep(ray_local, tmp_path):
     """ImageNet, the one dataset that streams (decoded in DataLoader workers, each view cropped from the
     whole image), as a tiny fixture in its original format through a sweep; the in-memory loaders are
