@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,14 @@ from mlflow.tracking import MlflowClient
 from unmix_ray.redact import is_secret_like
 
 from .conftest import ROOT
+from .mlflow_checks import assert_one_complete_run, epochs_logged, wait_for
 from .services import s3_keys
 from .test_standin import listening_addresses, port_of
 
-SMALL = ["grid.mixture=[none, both]", "grid.seed=[0]", "untrained_reference=false", "train.epochs=2",
+SMALL = ["grid.mixture=[both]", "grid.seed=[0]", "untrained_reference=false", "train.epochs=4",
          "train.batch_size=64", "train.torch_threads=1", "eval.linear_epochs=2", "eval.knn_k=20",
          "tune.max_concurrent_trials=1", "tune.system_metrics_s=0"]
-FIRST, SECOND = "simclr-fashion_mnist-none-p0.5-s0", "simclr-fashion_mnist-both-p0.5-s0"
+TRIAL = "simclr-fashion_mnist-both-p0.5-s0"
 
 
 def submit(s, env_vars: dict, args: list[str], wait: bool = True, job_id: str | None = None,
@@ -41,15 +41,8 @@ def runs(uri: str) -> dict[str, object]:
     return {r.info.run_name: r for r in found}
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(3)
-
-
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_submitted_sweep_survives_a_stop_and_a_new_head(tmp_path, small_fashion_mnist):
     from cluster.local_standin import S3_ENV, _alive, _http_status, _pids_mentioning, restart_head, standin
 
@@ -67,18 +60,15 @@ def test_a_submitted_sweep_survives_a_stop_and_a_new_head(tmp_path, small_fashio
                      wait=False, job_id=job_id)
         assert job.returncode == 0, job.stdout + job.stderr
 
-        # 1. Stopped while its second trial runs: the finished trial stays FINISHED, the rest is KILLED.
-        wait_for(lambda: getattr(runs(s.mlflow_uri).get(FIRST), "info", None) is not None
-                 and runs(s.mlflow_uri)[FIRST].info.status == "FINISHED" and SECOND in runs(s.mlflow_uri), 900,
-                 "the first trial finished and the second started")
+        # 1. Stopped mid-trial (its epoch 1 checkpointed): the trial's run and the sweep's are KILLED.
+        wait_for(lambda: 2 in epochs_logged(s.mlflow_uri, TRIAL), 900, "epoch 2 of the trial")
         stop = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", "--address",
                                s.dashboard_url, job_id], env=s.env, capture_output=True, text=True, timeout=300)
         assert stop.returncode == 0, stop.stdout + stop.stderr
         before = runs(s.mlflow_uri)
         sweep_run = next(r for r in before.values() if r.data.tags.get("unmix.role") == "sweep")
         sweep_id = sweep_run.data.tags["unmix.sweep_id"]
-        assert {n: r.info.status for n, r in before.items()} == {FIRST: "FINISHED", SECOND: "KILLED",
-                                                                 sweep_id: "KILLED"}
+        assert {n: r.info.status for n, r in before.items()} == {TRIAL: "KILLED", sweep_id: "KILLED"}
 
         # 2. A new head (new Ray, new MLflow server; the same PostgreSQL and S3): every run is still there.
         restart_head(s)
@@ -86,17 +76,17 @@ def test_a_submitted_sweep_survives_a_stop_and_a_new_head(tmp_path, small_fashio
         assert {n: r.info.status for n, r in runs(s.mlflow_uri).items()} == {
             n: r.info.status for n, r in before.items()}
 
-        # 3. Resumed by its id, without a config: the killed trial resumes, nothing runs twice.
+        # 3. Resumed by its id, without a config, on the new head: the killed trial continues in its run from
+        # its last checkpoint (epoch 1 is never trained twice) and the sweep finishes.
         resumed = submit(s, env_vars, ["--resume", sweep_id])
         logs = resumed.stdout + resumed.stderr
         (tmp_path / "resume.log").write_text(logs)
         assert resumed.returncode == 0 and "succeeded" in logs, logs[-4000:]
         assert "| fashion_mnist | simclr | resnet_narrow | both@0.5 |" in logs  # the table, printed by the job
         after = runs(s.mlflow_uri)
-        assert {n: r.info.status for n, r in after.items()} == {FIRST: "FINISHED", SECOND: "FINISHED",
-                                                                sweep_id: "FINISHED"}
-        assert after[FIRST].info.run_id == before[FIRST].info.run_id
-        assert after[SECOND].info.run_id == before[SECOND].info.run_id  # the same run, continued
+        assert {n: r.info.status for n, r in after.items()} == {TRIAL: "FINISHED", sweep_id: "FINISHED"}
+        assert after[TRIAL].info.run_id == before[TRIAL].info.run_id  # the same run, continued
+        assert_one_complete_run(s.mlflow_uri, TRIAL, 4)
 
         # 4. A sweep that does not exist: status 2, a message, and nothing written.
         wrong = submit(s, env_vars, ["--resume", "no-such-sweep"])

@@ -182,15 +182,15 @@ def _fit(sweep: Sweep, ctx: SweepContext, placements: dict, max_concurrent: int,
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, trials={t.run_name: t.to_dict() for t in sweep.trials},
                              placements={name: p.__dict__ for name, p in placements.items()},
-                             placement_timeout_s=settings.placement_timeout_s, log_encoder=settings.log_encoder,
-                             system_metrics_s=settings.system_metrics_s),
+                             context=ctx.__dict__, placement_timeout_s=settings.placement_timeout_s,
+                             log_encoder=settings.log_encoder, system_metrics_s=settings.system_metrics_s),
         driver_slot(settings))
     if settings.asha is not None:
         # Untrained references and epochs between kNN monitors report no monitor metric: let those
         # results through (set before a fresh start and before a restore, which brings ASHA back).
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Tune's grid shows only the trial's name; its full config is looked up by it.
-    param_space = {"run": tune.grid_search([t.run_name for t in sweep.trials]), "context": ctx.__dict__}
+    param_space = {"run": tune.grid_search([t.run_name for t in sweep.trials])}
     callbacks = [MlflowTrialStatus(ctx.tracking_uri, ctx.experiment_id, ctx.sweep_id),
                  ConsoleReporter(len(sweep.trials))]
     if resuming:

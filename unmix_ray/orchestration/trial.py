@@ -72,14 +72,17 @@ def scaling_config(trial: TrialConfig, placement: Placement) -> ScalingConfig:
 
 
 def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], placements: dict[str, dict[str, Any]],
-              placement_timeout_s: float, log_encoder: bool = True, system_metrics_s: float = 0.0) -> None:
+              context: dict[str, Any], placement_timeout_s: float, log_encoder: bool = True,
+              system_metrics_s: float = 0.0) -> None:
     """Tune function trainable: one Ray Train pretraining + evaluation, tracked in one MLflow run.
     ``trials`` (every trial's config, by name) and ``placements`` (where its workers go) are put in
-    Ray's object store once, not in each config. A finished pretraining's encoder is logged as the
-    run's MLflow model (``log_encoder``)."""
+    Ray's object store once, not in each config. ``context`` (the sweep's ids, MLflow and storage
+    addresses) is the running driver's, never the trial config's: Tune restores a trial's config as it
+    was saved, and after a new head the MLflow server has a new address. A finished pretraining's
+    encoder is logged as the run's MLflow model (``log_encoder``)."""
     trial_dict = trials[config["run"]]
     trial = TrialConfig.from_dict(trial_dict)
-    ctx = SweepContext(**config["context"])
+    ctx = SweepContext(**context)
     client = MlflowClient(ctx.tracking_uri)
     run_id = tracking.start_trial_run(client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial)
     tc = trial.train
@@ -127,6 +130,12 @@ def _error_text(trial: Any) -> str:
     return redact(lines[-1][:2000]) if lines else "the trial failed (see its Tune log)"
 
 
+# The MLflow address of each sweep this driver runs. Tune saves its callbacks with the sweep's state and
+# a resumed sweep gets them back as saved, with the address of the head that started it: after a new
+# head, the running driver's address is the one that answers.
+_DRIVER_URIS: dict[str, str] = {}
+
+
 class MlflowTrialStatus(tune.Callback):
     """Ends a trial's MLflow run from the driver side, where Tune's word is final: a trial that errored is
     FAILED (with its error as the tag ``unmix.error``); one that Tune stopped (a scheduler's early stop)
@@ -134,9 +143,10 @@ class MlflowTrialStatus(tune.Callback):
 
     def __init__(self, uri: str, experiment_id: str, sweep_id: str):
         self.uri, self.experiment_id, self.sweep_id = uri, experiment_id, sweep_id
+        _DRIVER_URIS[sweep_id] = uri
 
     def _end(self, trial: Any, status: str) -> None:
-        client = MlflowClient(self.uri)
+        client = MlflowClient(_DRIVER_URIS.get(self.sweep_id, self.uri))
         runs = tracking.find_runs(client, self.experiment_id,
                                   **{tracking.TAG_SWEEP_ID: self.sweep_id, tracking.TAG_TRIAL: trial.config["run"]})
         for run in runs:
