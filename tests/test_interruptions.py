@@ -1,6 +1,6 @@
-"""The sweep's driver interrupted: Ctrl-C leaves no run RUNNING and exits 130, without disturbing another
-sweep started on the same machine (each on its own embedded Ray); a driver killed outright resumes by
-name, every trial exactly once."""
+"""The sweep's driver interrupted: Ctrl-C leaves no run RUNNING and exits 130; a driver killed outright
+resumes by name, every trial exactly once. Two sweeps started together on one machine (each on its own
+embedded Ray) both finish, neither disturbing the other."""
 
 from __future__ import annotations
 
@@ -38,29 +38,34 @@ def start_sweep(folder, root, *extra: str, new_session: bool = False) -> tuple[s
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ctrl_c_stops_one_sweep_and_another_on_the_machine_finishes(tmp_path, small_fashion_mnist):
-    kept_uri, kept = start_sweep(tmp_path / "kept", small_fashion_mnist, "grid.mixture=[none]", "train.epochs=2",
-                                 "name=kept")
-    stopped_uri, stopped = start_sweep(tmp_path / "stopped", small_fashion_mnist, "grid.mixture=[none, both]",
-                                       "train.epochs=4", "name=stopped")
+def test_ctrl_c_marks_every_unfinished_run_killed_and_exits_130(tmp_path, small_fashion_mnist):
+    uri, sweep = start_sweep(tmp_path, small_fashion_mnist, "grid.mixture=[none, both]", "train.epochs=4")
     # The sweep's run and a trial's run RUNNING: Ctrl-C lands mid-trial.
-    wait_for(lambda: list(statuses(stopped_uri).values()).count("RUNNING") >= 2 or stopped.poll() is not None,
-             600, "a trial of the sweep to stop running", every_s=2)
-    assert stopped.poll() is None, (tmp_path / "stopped/sweep.log").read_text()[-3000:]
-    stopped.send_signal(signal.SIGINT)  # what Ctrl-C sends the sweep's process
-    code = stopped.wait(timeout=600)
-    output = (tmp_path / "stopped/sweep.log").read_text()
+    wait_for(lambda: list(statuses(uri).values()).count("RUNNING") >= 2 or sweep.poll() is not None,
+             600, "a trial of the sweep to be running", every_s=2)
+    assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+    sweep.send_signal(signal.SIGINT)  # what Ctrl-C sends the sweep's process
+    code = sweep.wait(timeout=600)
+    output = (tmp_path / "sweep.log").read_text()
     assert code == 130, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    final = statuses(stopped_uri)
+    final = statuses(uri)
     assert final and set(final.values()) <= {"KILLED", "FINISHED"}, final
-    assert [s for n, s in final.items() if n.startswith("stopped-")] == ["KILLED"]  # the sweep's own run
-    assert "resume it with: python jobs/sweep.py --resume stopped-" in output
+    assert [s for n, s in final.items() if n.startswith("demo-")] == ["KILLED"]  # the sweep's own run
+    assert "resume it with: python jobs/sweep.py --resume demo-" in output
 
-    assert kept.wait(timeout=900) == 0, (tmp_path / "kept/sweep.log").read_text()[-3000:]
-    output = (tmp_path / "kept/sweep.log").read_text()
-    assert "Found multiple active Ray instances" not in output
-    assert set(statuses(kept_uri).values()) == {"FINISHED"} and len(statuses(kept_uri)) == 2  # sweep and trial
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_sweeps_started_together_on_one_machine_both_finish(tmp_path, small_fashion_mnist):
+    started = [start_sweep(tmp_path / name, small_fashion_mnist, "grid.mixture=[none]", "train.epochs=1",
+                           f"name=sweep-{name}") for name in ("a", "b")]
+    for (uri, sweep), name in zip(started, ("a", "b"), strict=True):
+        code = sweep.wait(timeout=900)
+        output = (tmp_path / name / "sweep.log").read_text()
+        assert code == 0, output[-3000:]
+        assert "Found multiple active Ray instances" not in output
+        assert set(statuses(uri).values()) == {"FINISHED"} and len(statuses(uri)) == 2  # the sweep and its trial
 
 
 @pytest.mark.slow

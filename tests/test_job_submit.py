@@ -1,6 +1,7 @@
 """The cluster path end to end on the local stand-in (Ray head with token auth, MLflow on PostgreSQL,
 S3 on loopback): a sweep submitted with `ray job submit`, stopped with `ray job stop`, the head replaced,
-the sweep resumed by its id with no config; a wrong id fails with status 2 and writes nothing."""
+the sweep resumed by its id with no config. (A wrong id: tests/test_bad_input.py and the documented
+refusal in tests/test_documented_commands.py.)"""
 
 from __future__ import annotations
 
@@ -88,13 +89,8 @@ def test_a_submitted_sweep_survives_a_stop_and_a_new_head(tmp_path, small_fashio
         assert after[TRIAL].info.run_id == before[TRIAL].info.run_id  # the same run, continued
         assert_one_complete_run(s.mlflow_uri, TRIAL, 4)
 
-        # 4. A sweep that does not exist: status 2, a message, and nothing written.
-        wrong = submit(s, env_vars, ["--resume", "no-such-sweep"])
-        assert wrong.returncode != 0 and "no sweep named or with id 'no-such-sweep'" in wrong.stdout + wrong.stderr
-        assert runs(s.mlflow_uri).keys() == after.keys()
-
         keys = s3_keys(s.s3_endpoint, s.bucket)
-        assert any(k.startswith("checkpoints/") and "epoch=0002" in k for k in keys), keys[:20]
+        assert any(k.startswith(f"checkpoints/{sweep_id}--{TRIAL}/epoch=") for k in keys), keys[:20]
         assert any(k.startswith("mlflow/") for k in keys)  # artifacts went through the server to S3
         client = MlflowClient(s.mlflow_uri)
         assert "results/results_table.md" in {a.path for a in client.list_artifacts(after[sweep_id].info.run_id,
