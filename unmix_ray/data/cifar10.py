@@ -9,6 +9,7 @@ those files contain (dicts, lists, strings and numpy arrays), so a tampered file
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -146,19 +147,23 @@ def present(root: str | Path) -> bool:
     return has_file(root, DIR, META)
 
 
+def split_dir(root: str | Path, split: str, splits: Iterable[str], folder: str, meta: str, name: str,
+              layout: str) -> Path:
+    """The folder of a CIFAR-format dataset holding ``split``; a DatasetError names the splits there are."""
+    if split not in splits:
+        raise DatasetError(name, root, f"unknown split {split!r} (have {', '.join(splits)})", layout)
+    return find_dir(root, folder, meta, name, layout)
+
+
 def check(root: str | Path, split: str, **_: Any) -> None:
     """What ``load`` needs, checked cheaply (files present and whole, not unpickled)."""
-    if split not in SPLITS:
-        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(SPLITS)})", LAYOUT)
-    d = find_dir(root, DIR, META, NAME, LAYOUT)
+    d = split_dir(root, split, SPLITS, DIR, META, NAME, LAYOUT)
     for name in (META, *SPLITS[split]):
         check_pickle(d / name, NAME, LAYOUT)
 
 
 def load(root: str | Path, split: str, **_: Any) -> ImageSet:
-    if split not in SPLITS:
-        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(SPLITS)})", LAYOUT)
-    d = find_dir(root, DIR, META, NAME, LAYOUT)
+    d = split_dir(root, split, SPLITS, DIR, META, NAME, LAYOUT)
     check_names(d / META, "label_names", NUM_CLASSES, NAME, LAYOUT)
     return to_imageset([read_batch(d / f, "labels", NUM_CLASSES, NAME, LAYOUT) for f in SPLITS[split]],
                        NUM_CLASSES)

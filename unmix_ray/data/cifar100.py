@@ -12,13 +12,12 @@ from typing import Any
 from unmix_ray.data.cifar10 import (
     check_names,
     check_pickle,
-    find_dir,
     has_file,
     read_batch,
+    split_dir,
     to_imageset,
     torchvision_download,
 )
-from unmix_ray.data.errors import DatasetError
 from unmix_ray.data.imageset import ImageSet
 
 NAME = "cifar100"
@@ -38,17 +37,13 @@ def present(root: str | Path) -> bool:
 
 def check(root: str | Path, split: str, **_: Any) -> None:
     """What ``load`` needs, checked cheaply (files present and whole, not unpickled)."""
-    if split not in SPLITS:
-        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(SPLITS)})", LAYOUT)
-    d = find_dir(root, DIR, META, NAME, LAYOUT)
+    d = split_dir(root, split, SPLITS, DIR, META, NAME, LAYOUT)
     for name in (META, split):
         check_pickle(d / name, NAME, LAYOUT)
 
 
 def load(root: str | Path, split: str, **_: Any) -> ImageSet:
-    if split not in SPLITS:
-        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(SPLITS)})", LAYOUT)
-    d = find_dir(root, DIR, META, NAME, LAYOUT)
+    d = split_dir(root, split, SPLITS, DIR, META, NAME, LAYOUT)
     check_names(d / META, "fine_label_names", NUM_CLASSES, NAME, LAYOUT)
     return to_imageset([read_batch(d / split, "fine_labels", NUM_CLASSES, NAME, LAYOUT)], NUM_CLASSES)
 

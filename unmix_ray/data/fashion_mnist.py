@@ -76,27 +76,28 @@ def _check_file(path: Path, ndim: int) -> None:
         raise DatasetError(NAME, path, f"unreadable or truncated file ({e})", LAYOUT) from e
 
 
-def check(root: str | Path, split: str, **_: Any) -> None:
-    """What ``load`` needs, checked cheaply (headers and sizes, no decoding)."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(NAME, root, "data root not found", LAYOUT)
-    if split not in FILES:
-        raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(FILES)})", LAYOUT)
-    images_stem, labels_stem, _count = FILES[split]
-    _check_file(_find(root, images_stem), 3)
-    _check_file(_find(root, labels_stem), 1)
-
-
-def load(root: str | Path, split: str, **_: Any) -> ImageSet:
+def _split_files(root: str | Path, split: str) -> tuple[Path, Path, int]:
+    """The split's images and labels files under ``root`` and its image count; a DatasetError otherwise."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(NAME, root, "data root not found", LAYOUT)
     if split not in FILES:
         raise DatasetError(NAME, root, f"unknown split {split!r} (have {', '.join(FILES)})", LAYOUT)
     images_stem, labels_stem, count = FILES[split]
-    images = read_idx(_find(root, images_stem), 3)
-    labels = read_idx(_find(root, labels_stem), 1)
+    return _find(root, images_stem), _find(root, labels_stem), count
+
+
+def check(root: str | Path, split: str, **_: Any) -> None:
+    """What ``load`` needs, checked cheaply (headers and sizes, no decoding)."""
+    images, labels, _count = _split_files(root, split)
+    _check_file(images, 3)
+    _check_file(labels, 1)
+
+
+def load(root: str | Path, split: str, **_: Any) -> ImageSet:
+    images_path, labels_path, count = _split_files(root, split)
+    images = read_idx(images_path, 3)
+    labels = read_idx(labels_path, 1)
     if images.shape[0] != labels.shape[0]:
         raise DatasetError(NAME, root, f"{images.shape[0]} images but {labels.shape[0]} labels", LAYOUT)
     if labels.size and labels.max() >= 10:
