@@ -20,15 +20,15 @@ def test_demo_sweep_composes_baseline_and_unmix_over_three_seeds_and_the_untrain
     sweep = load_sweep(DEMO)
     names = [t.run_name for t in sweep.trials]
     assert names == [
-        "simclr-fashion_mnist-resnet_narrow-untrained-s0",
         "simclr-fashion_mnist-none-p0.5-s0", "simclr-fashion_mnist-both-p0.5-s0",
         "simclr-fashion_mnist-none-p0.5-s1", "simclr-fashion_mnist-both-p0.5-s1",
         "simclr-fashion_mnist-none-p0.5-s2", "simclr-fashion_mnist-both-p0.5-s2",
+        "simclr-fashion_mnist-resnet_narrow-untrained-s0",  # last: the short trial fills the sweep's end
     ]
-    t = sweep.trials[-1]
+    t = sweep.trials[-2]
     assert t.method.params["temperature"] == 0.5 and t.dataset.crop_size == 28
     assert t.dataset.train_subset == 8192  # the sweep's per-dataset override merged over the dataset YAML
-    assert sweep.trials[0].train.epochs == 0 and sweep.trials[0].variant == "untrained"
+    assert sweep.trials[-1].train.epochs == 0 and sweep.trials[-1].variant == "untrained"
 
 
 def test_overrides_and_grid_over_probabilities():

@@ -190,18 +190,21 @@ def compose_sweep(data: dict[str, Any], config_dir: Path = CONFIG_DIR, source: s
     if errors:
         raise ConfigError(errors, source)
 
-    trials = []
+    # The untrained references (evaluation only, a fraction of a trained trial) go last: with trials
+    # running side by side they fill the end of the sweep instead of leaving a long trial to run alone.
+    trials, references = [], []
     for dname, mname, seed in itertools.product(dnames, mnames, sweep.grid.seed):
         (dataset, method), train = cells[dname, mname], trains[dname, mname]
         common = dict(sweep=sweep.name, seed=seed, dataset=dataset, method=method, train=train, eval=evaluation)
         if sweep.untrained_reference and (sweep.untrained_seeds == "all" or seed == sweep.grid.seed[0]):
-            trials.append(TrialConfig(mixture=MixtureConfig(beta=sweep.mixture_beta),
-                                      **(common | {"train": train.model_copy(update={"epochs": 0})})))
+            references.append(TrialConfig(mixture=MixtureConfig(beta=sweep.mixture_beta),
+                                          **(common | {"train": train.model_copy(update={"epochs": 0})})))
         for mtype in sweep.grid.mixture:
             # P only matters when the type is "both"; other types run once.
             for p in sweep.grid.prob if mtype == "both" else sweep.grid.prob[:1]:
                 trials.append(TrialConfig(mixture=MixtureConfig(type=mtype, prob=p, beta=sweep.mixture_beta),
                                           **common))
+    trials += references
     names = [t.run_name for t in trials]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
