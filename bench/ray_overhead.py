@@ -100,8 +100,6 @@ def through_ray(args: dict, workers: int, storage: str) -> tuple[list[float], fl
 
 def measure(args: dict, embedded: bool) -> dict:
     """Epoch times through Ray Train (1 and 2 workers) and the fixed costs, on a fresh Ray."""
-    import os
-    import subprocess
     import tempfile
 
     import ray
@@ -121,9 +119,7 @@ def measure(args: dict, embedded: bool) -> dict:
     if embedded:
         stop_local()
     else:
-        ray.shutdown()
-    if not embedded:  # Ray's default start leaves its dashboard's helpers to the next start: stop them
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, env=os.environ | {"RAY_ADDRESS": ""})
+        ray.shutdown()  # never `ray stop`: it would stop every Ray on the machine, a user's too
     return {"one": one, "two": two, "setup1": setup1, "setup2": setup2, "init_s": init_s}
 
 
