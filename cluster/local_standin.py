@@ -323,16 +323,20 @@ def _stop_group(pid: int, grace: float = 20) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-# `ray start --block` never exits on SIGTERM and its raylet waits for its workers: Ray keeps no state
-# the stand-in needs (runs live in PostgreSQL and S3), so it gets a short grace before SIGKILL.
-RAY_GRACE_S = 2.0
+# Seconds between SIGTERM and SIGKILL per service. `ray start --block` never exits on SIGTERM and its
+# raylet waits for its workers; Ray keeps no state the stand-in needs (runs live in PostgreSQL and S3).
+GRACE_S = {"ray": 2.0}
+
+
+def _stop_service(state: Standin, name: str, grace: float = 20) -> None:
+    _stop_group(state.pids.pop(name), GRACE_S.get(name, grace))
 
 
 def stop(state: Standin, grace: float = 20) -> None:
     """Stop every process of the stand-in: Ray first, then MLflow, PostgreSQL and S3."""
     for name in ("ray", "mlflow", "postgres", "s3"):
         if name in state.pids:
-            _stop_group(state.pids[name], RAY_GRACE_S if name == "ray" else grace)
+            _stop_service(state, name, grace)
     stop_ray_leftovers(state)
     if state.pg_dir and not Path(state.pg_dir).is_relative_to(state.root):
         shutil.rmtree(state.pg_dir, ignore_errors=True)
@@ -388,7 +392,7 @@ def restart_head(state: Standin, num_cpus: int = 2, trial_drivers: int = 4) -> S
     """Replace the head: stop its Ray and MLflow server (their addresses change), keep PostgreSQL and S3,
     start new ones. Returns the stand-in with its new addresses."""
     for name in ("ray", "mlflow"):
-        _stop_group(state.pids.pop(name), RAY_GRACE_S if name == "ray" else 20)
+        _stop_service(state, name)
     stop_ray_leftovers(state)
     _start_head(state, num_cpus, trial_drivers)
     (Path(state.root) / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
